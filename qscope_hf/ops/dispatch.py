@@ -1,0 +1,66 @@
+"""Which backend runs an op: per call, then the ``QSCOPE_OPS_BACKEND`` environment variable, then the device.
+
+- ``reference``: dense plain torch, the readable definition (:mod:`.reference`);
+- ``chunked``: streaming plain torch (:mod:`.chunked`, :mod:`.sparse`), the default off CUDA;
+- ``triton``: fused kernels (:mod:`.triton_kernels`), the default on CUDA when Triton imports. On CPU tensors
+  it runs only under Triton's interpreter (``TRITON_INTERPRET=1`` set before qscope imports the kernels).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("reference", "chunked", "triton")
+ENV_VAR = "QSCOPE_OPS_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for (per call or by ``QSCOPE_OPS_BACKEND``) that cannot run here."""
+
+
+def triton_importable() -> bool:
+    """Whether the ``triton`` package is installed (it imports without a GPU)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backends that can run on ``device`` in this process."""
+    device = torch.device(device)
+    names = ["reference", "chunked"]
+    if triton_importable() and (device.type == "cuda" or triton_interpreted()):
+        names.append("triton")
+    return names
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The backend to use for tensors on ``device``: ``backend``, else ``$QSCOPE_OPS_BACKEND``, else automatic."""
+    name = backend or os.environ.get(ENV_VAR) or None
+    if name is None:
+        return "triton" if device.type == "cuda" and triton_importable() else "chunked"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown SAE ops backend {name!r}; choose one of {BACKENDS}")
+    if name == "triton":
+        if not triton_importable():
+            raise BackendUnavailableError("backend 'triton' needs the triton package: pip install 'qscope[triton]'")
+        if device.type != "cuda" and not triton_interpreted():
+            raise BackendUnavailableError(
+                f"backend 'triton' needs CUDA tensors, got tensors on {device}; use backend='chunked', or set "
+                "TRITON_INTERPRET=1 before importing qscope to run the kernels in Triton's (slow) CPU interpreter"
+            )
+    return name
+
+
+def triton_module() -> ModuleType:
+    """The Triton kernels module, imported on first use (so that importing qscope never needs Triton)."""
+    from . import triton_kernels
+
+    return triton_kernels

@@ -1,0 +1,57 @@
+"""Sparse primitives in plain torch: the decode and every backward pass are built from these three.
+
+With ``values``/``indices [N, k]`` over a table with one row per feature (``table [F, D]``):
+
+- :func:`gather_sum`:    ``out[n] = Σ_j values[n, j] · table[indices[n, j]]``   ``-> [N, D]``
+- :func:`gather_dot`:    ``out[n, j] = <table[indices[n, j]], rows[n]>``        ``-> [N, k]``
+- :func:`scatter_outer`: ``out[indices[n, j]] += values[n, j] · rows[n]``       ``-> [F, D]``
+
+``gather_dot`` and ``scatter_outer`` are the adjoints of ``gather_sum`` with respect to ``values`` and
+``table``. None of them builds dense ``[N, F]`` codes. ``gather_sum`` is ``F.embedding_bag`` (which sums
+half-precision tables in fp32); the other two accumulate in fp32 (fp64 for fp64) and stream over rows so
+their ``[rows, k, D]`` temporaries stay within :data:`CHUNK_ELEMENTS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .reference import accumulate_dtype
+
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_slices(n_rows: int, elements_per_row: int) -> Iterator[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(elements_per_row, 1))
+    for start in range(0, n_rows, step):
+        yield slice(start, start + step)
+
+
+def gather_sum(values: Tensor, indices: Tensor, table: Tensor) -> Tensor:
+    """``Σ_j values[n, j] · table[indices[n, j]]``: ``[N, D]`` in the table's dtype."""
+    if values.shape[0] == 0:
+        return table.new_zeros(0, table.shape[1])
+    return F.embedding_bag(indices, table.contiguous(), per_sample_weights=values.to(table.dtype), mode="sum")
+
+
+def gather_dot(indices: Tensor, table: Tensor, rows: Tensor) -> Tensor:
+    """``<table[indices[n, j]], rows[n]>`` for every selected entry: ``[N, k]`` in the accumulate dtype."""
+    acc = accumulate_dtype(table.dtype)
+    out = rows.new_empty(indices.shape, dtype=acc)
+    for part in _row_slices(indices.shape[0], indices.shape[1] * table.shape[1]):
+        out[part] = torch.einsum("nkd,nd->nk", table[indices[part]].to(acc), rows[part].to(acc))
+    return out
+
+
+def scatter_outer(values: Tensor, indices: Tensor, rows: Tensor, num_rows: int) -> Tensor:
+    """``out[indices[n, j]] += values[n, j] · rows[n]``: ``[num_rows, D]`` in the accumulate dtype."""
+    acc = accumulate_dtype(rows.dtype)
+    out = rows.new_zeros(num_rows, rows.shape[1], dtype=acc)
+    for part in _row_slices(indices.shape[0], indices.shape[1] * rows.shape[1]):
+        outer = values[part].to(acc)[..., None] * rows[part].to(acc)[:, None, :]
+        out.index_add_(0, indices[part].reshape(-1), outer.reshape(-1, rows.shape[1]))
+    return out
