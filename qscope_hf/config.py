@@ -1,0 +1,50 @@
+"""``SAEConfig``: the shape of one SAE and where it reads from, as stored next to its weights."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from .ops import ACTIVATIONS
+
+#: SAE ``layer n`` reads (and steering writes) the output of decoder layer n, i.e. ``hidden_states[n + 1]``.
+RESID_POST = "resid_post"
+
+
+@dataclass
+class SAEConfig:
+    """Shape, activation and provenance of one TopK SAE.
+
+    ``layer`` is the decoder layer whose output the SAE reads (``hook_point="resid_post"``); ``release`` the hub
+    repo it came from, if any; ``model_id`` the model it was trained on.
+    """
+
+    d_model: int
+    d_sae: int
+    k: int
+    activation: str = "relu_topk"
+    layer: int | None = None
+    hook_point: str = RESID_POST
+    release: str | None = None
+    model_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.d_model <= 0 or self.d_sae <= 0:
+            raise ValueError(f"d_model and d_sae must be positive, got d_model={self.d_model}, d_sae={self.d_sae}")
+        if not 0 < self.k <= self.d_sae:
+            raise ValueError(f"k={self.k} must be in [1, d_sae={self.d_sae}]")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; choose one of {ACTIVATIONS}")
+        if self.layer is not None and self.layer < 0:
+            raise ValueError(f"layer must be >= 0, got {self.layer}")
+        if self.hook_point != RESID_POST:
+            raise ValueError(f"unsupported hook point {self.hook_point!r}; qscope SAEs read {RESID_POST!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
+        """Build from a dict, ignoring keys that are not config fields (e.g. format bookkeeping)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in names})

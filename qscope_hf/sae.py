@@ -1,0 +1,197 @@
+"""``SparseAutoencoder``: a Qwen-Scope TopK SAE as an ``nn.Module``; all of its math runs in :mod:`qscope_hf.ops`.
+
+Parameters use the Qwen-Scope orientation: ``W_enc [d_sae, d_model]`` (row i = latent i), ``W_dec [d_model, d_sae]``
+(column i = direction of feature i), ``b_enc [d_sae]``, ``b_dec [d_model]``. ``W_dec`` is *stored* feature-major
+(``W_dec.T`` is contiguous) so that decoding and steering read each feature's direction from contiguous memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import formats, ops
+from .config import RESID_POST, SAEConfig
+
+Features = int | Sequence[int] | Tensor
+
+
+class SparseAutoencoder(nn.Module):
+    """A TopK sparse autoencoder reading the residual stream after decoder layer ``layer``.
+
+    ``activation="relu_topk"`` (default, the official demo's) keeps the k largest pre-activations and clamps them
+    at 0; ``"topk"`` (the model card's snippet) keeps them as they are. ``backend`` picks the op backend
+    (``None``: automatic, see :mod:`qscope_hf.ops.dispatch`).
+    """
+
+    def __init__(self, d_model: int, d_sae: int, k: int, activation: str = "relu_topk", *,
+                 layer: int | None = None, release: str | None = None, model_id: str | None = None,
+                 hook_point: str = RESID_POST, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, backend: str | None = None) -> None:
+        super().__init__()
+        self.cfg = SAEConfig(d_model, d_sae, k, activation, layer, hook_point, release, model_id)
+        self.backend = backend
+        factory: dict[str, Any] = {"dtype": dtype, "device": device}
+        self.W_enc = nn.Parameter(torch.empty(d_sae, d_model, **factory))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_model, **factory).T)
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(d_model, **factory))
+        if self.W_enc.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Random unit-norm decoder directions, encoder initialised as the decoder's transpose, zero biases."""
+        directions = torch.randn(self.d_sae, self.d_model, generator=generator, device="cpu", dtype=torch.float32)
+        directions /= directions.norm(dim=-1, keepdim=True)
+        self.W_dec.copy_(directions.T)
+        self.W_enc.copy_(directions)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # -- metadata ---------------------------------------------------------------------------------------------
+    @property
+    def d_model(self) -> int:
+        return self.cfg.d_model
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    @property
+    def k(self) -> int:
+        return self.cfg.k
+
+    @property
+    def activation(self) -> str:
+        return self.cfg.activation
+
+    @property
+    def layer(self) -> int | None:
+        return self.cfg.layer
+
+    @property
+    def release(self) -> str | None:
+        return self.cfg.release
+
+    @property
+    def hook_point(self) -> str:
+        return self.cfg.hook_point
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    def extra_repr(self) -> str:
+        where = f", layer={self.layer}" if self.layer is not None else ""
+        source = f", release={self.release!r}" if self.release else ""
+        return f"d_model={self.d_model}, d_sae={self.d_sae}, k={self.k}, activation={self.activation!r}{where}{source}"
+
+    # -- checks -----------------------------------------------------------------------------------------------
+    def _check_input(self, x: Tensor, what: str = "activations") -> None:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"{what} have d_model={x.shape[-1]}, but this SAE reads d_model={self.d_model}")
+        if x.device != self.device:
+            raise ValueError(f"{what} are on {x.device} but the SAE is on {self.device}; move one of them")
+        if x.dtype != self.dtype:
+            raise TypeError(f"{what} are {x.dtype} but the SAE is {self.dtype}; cast one of them "
+                            f"(e.g. sae.to({x.dtype}) or from_pretrained(..., dtype={x.dtype}))")
+
+    def feature_index(self, features: Features) -> Tensor:
+        """Validate feature ids and return them as a 1-D int64 tensor on the SAE's device."""
+        index = torch.as_tensor(features, dtype=torch.long).reshape(-1)
+        if index.numel():
+            bad = index[(index < 0) | (index >= self.d_sae)]
+            if bad.numel():
+                raise IndexError(f"feature index {bad[0].item()} is out of range for an SAE with d_sae={self.d_sae}")
+        return index.to(self.device)
+
+    # -- math (all through qscope_hf.ops) -----------------------------------------------------------------------
+    def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Top-k codes of ``x [..., d_model]``: ``(values [..., k], indices [..., k])``."""
+        self._check_input(x)
+        return ops.topk_encode(x, self.W_enc, self.b_enc, self.k, self.activation, backend=self.backend)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense codes ``[..., d_sae]`` (zeros outside the top k)."""
+        values, indices = self.encode_topk(x)
+        return ops.dense_codes(values, indices, self.d_sae)
+
+    def pre_acts(self, x: Tensor, features: Features | None = None) -> Tensor:
+        """Pre-activations ``x · W_enc[f] + b_enc[f]``: ``[..., d_sae]``, or ``[..., S]`` for selected features.
+
+        With ``features`` only those encoder rows are read. Differentiable with respect to ``x``.
+        """
+        self._check_input(x)
+        if features is None:
+            return ops.feature_pre_acts(x, self.W_enc, self.b_enc)
+        index = self.feature_index(features)
+        return ops.feature_pre_acts(x, self.W_enc[index], self.b_enc[index])
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Reconstruction from dense codes: ``[..., d_sae] -> [..., d_model]``."""
+        if z.shape[-1] != self.d_sae:
+            raise ValueError(f"codes have d_sae={z.shape[-1]}, but this SAE has d_sae={self.d_sae}")
+        return ops.dense_decode(z, self.W_dec, self.b_dec)
+
+    def decode_topk(self, values: Tensor, indices: Tensor) -> Tensor:
+        """Reconstruction from top-k codes without dense codes: ``[..., k] -> [..., d_model]``."""
+        return ops.sparse_decode(values, indices, self.W_dec, self.b_dec, backend=self.backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction of ``x [..., d_model]`` through the top-k codes."""
+        return self.decode_topk(*self.encode_topk(x))
+
+    def feature_directions(self, features: Features) -> Tensor:
+        """Decoder columns ``W_dec[:, f]`` returned as rows: ``[S, d_model]`` (``[d_model]`` for one int)."""
+        index = self.feature_index(features)
+        directions = self.W_dec.T[index]
+        return directions[0] if isinstance(features, int) else directions
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, checkpoint: formats.Checkpoint, *, dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None) -> SparseAutoencoder:
+        """Build from a :class:`~qscope_hf.formats.Checkpoint`, copying each tensor once into place."""
+        cfg, tensors = checkpoint.config, checkpoint.tensors
+        dtype = dtype or tensors["W_enc"].dtype
+        device = torch.device(device or "cpu")
+        sae = cls(cfg.d_model, cfg.d_sae, cfg.k, cfg.activation, layer=cfg.layer, release=cfg.release,
+                  model_id=cfg.model_id, hook_point=cfg.hook_point, device="meta")
+        with torch.no_grad():
+            for name in formats.TENSOR_KEYS:
+                source = tensors[name]
+                target = torch.empty(source.T.shape if name == "W_dec" else source.shape, dtype=dtype, device=device)
+                target.copy_(source.T if name == "W_dec" else source)
+                setattr(sae, name, nn.Parameter(target.T if name == "W_dec" else target))
+        return sae
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, layer: int | None = None, *, dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None, k: int | None = None,
+                        activation: str | None = None, revision: str | None = None,
+                        cache_dir: str | Path | None = None) -> SparseAutoencoder:
+        """Load one layer's SAE.
+
+        ``source`` is a Qwen-Scope release (``"Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50"``: only
+        ``layer{n}.sae.pt`` is downloaded), a local directory laid out like a release repo, a single ``.sae.pt``
+        or qscope ``.safetensors`` file, a SAELens directory (``cfg.json`` + ``sae_weights.safetensors``), or a
+        hub repo saved by :meth:`save_pretrained`. ``k``/``activation`` override what the checkpoint says
+        (needed for a bare ``.sae.pt`` outside a release). Weights are cast to ``dtype`` and moved to ``device``.
+        """
+        checkpoint = formats.read(source, layer, revision=revision, cache_dir=cache_dir, k=k, activation=activation)
+        return cls.from_checkpoint(checkpoint, dtype=dtype, device=device)
+
+    def save_pretrained(self, directory: str | Path, format: str = "qscope") -> Path:
+        """Write this SAE to ``directory`` as ``"qscope"`` (safetensors + JSON), ``"qwen-scope"`` (``.sae.pt``)
+        or ``"saelens"``; :meth:`from_pretrained` reads any of them back identically. Returns the weights file."""
+        tensors = {name: getattr(self, name) for name in formats.TENSOR_KEYS}
+        return formats.write(self.cfg, tensors, directory, format)
