@@ -1,0 +1,179 @@
+"""Where an SAE reads and writes in a model: the decoder layers and hooks on their outputs.
+
+SAE ``layer n`` reads the output of decoder layer ``n`` (the residual stream after block n), which equals
+``output_hidden_states=True``'s ``hidden_states[n + 1]`` (index 0 is the embeddings). Hooks go on the layer
+module itself, so they also see the last layer's output, which ``hidden_states[-1]`` replaces by the final
+norm's output. A decoder layer returns a tensor or a tuple whose first item is the hidden state, depending on
+the transformers version; both are handled.
+
+Hooks are registered on model *instances* (never on classes) and always removed when their context exits,
+exceptions included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+from torch import Tensor, nn
+
+LayerEdit = Callable[[Tensor], Tensor | None]
+
+#: Where decoder layers live in architectures without ``get_decoder()``, tried in order.
+_LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
+                "model.decoder.layers", "layers")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / FSDP / DeepSpeed / ``torch.compile`` / PEFT wrappers (PEFT's LoRA layers stay)."""
+    previous = None
+    while model is not previous:
+        previous = model
+        model = extract_model_from_parallel(model)
+        get_base_model = getattr(model, "get_base_model", None)
+        if callable(get_base_model):
+            model = get_base_model()
+    return model
+
+
+def _attribute_path(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM (Qwen3, Qwen3-MoE, Qwen3.5 text and multimodal, Llama-style, GPT-2,
+    GPT-NeoX), also through PEFT, DDP, accelerate and ``torch.compile`` wrappers."""
+    inner = unwrap_model(model)
+    get_decoder = getattr(inner, "get_decoder", None)
+    candidates = []
+    if callable(get_decoder):
+        try:
+            candidates.append(getattr(get_decoder(), "layers", None))
+        except (AttributeError, NotImplementedError):
+            pass
+    candidates += [_attribute_path(inner, path) for path in _LAYER_PATHS]
+    for layers in candidates:
+        if isinstance(layers, nn.ModuleList) and len(layers):
+            return layers
+    raise TypeError(f"cannot find the decoder layers of {type(inner).__name__}: tried get_decoder().layers and "
+                    f"{', '.join(_LAYER_PATHS)}")
+
+
+def hidden_size(model: nn.Module) -> int:
+    """The residual-stream width of ``model`` (the text model's hidden size for multimodal models)."""
+    config = unwrap_model(model).config
+    return config.get_text_config().hidden_size
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(decoder_layers(model))
+
+
+def check_layer(model: nn.Module, layer: int) -> int:
+    """``layer`` if the model has it, else an ``IndexError`` naming the valid range."""
+    count = num_layers(model)
+    if not isinstance(layer, int) or not 0 <= layer < count:
+        raise IndexError(f"layer {layer} is out of range: {type(unwrap_model(model)).__name__} has decoder layers "
+                         f"0..{count - 1}")
+    return layer
+
+
+def check_sae_fits(model: nn.Module, sae: nn.Module, layer: int | None = None) -> int:
+    """Check that ``sae`` can read ``layer`` of ``model`` (default: the SAE's own layer); return the layer."""
+    layer = sae.layer if layer is None else layer
+    if layer is None:
+        raise ValueError("the SAE has no layer: pass layer=... to say which decoder layer it reads")
+    check_layer(model, layer)
+    width = hidden_size(model)
+    if sae.d_model != width:
+        raise ValueError(f"SAE d_model={sae.d_model} does not match the model's hidden size {width} at layer {layer}")
+    return layer
+
+
+def layer_hidden(output: Tensor | tuple) -> Tensor:
+    """The hidden state ``[B, T, d]`` in a decoder layer's output (a tensor, or a tuple led by it)."""
+    return output if isinstance(output, Tensor) else output[0]
+
+
+def replace_hidden(output: Tensor | tuple, hidden: Tensor) -> Tensor | tuple:
+    """``output`` with its hidden state replaced, keeping the tensor-or-tuple shape the layer returned."""
+    return hidden if isinstance(output, Tensor) else (hidden, *output[1:])
+
+
+@contextmanager
+def hook_layers(model: nn.Module, edits: Mapping[int, LayerEdit]) -> Iterator[None]:
+    """Call ``edits[n](hidden)`` on the output of each decoder layer ``n`` during every forward in the block.
+
+    ``hidden`` is ``[B, T, d]``; a returned tensor replaces the layer's output, ``None`` leaves it unchanged.
+    All hooks are removed on exit, also when the block raises.
+    """
+    layers = decoder_layers(model)
+    for layer in edits:
+        check_layer(model, layer)
+    handles = []
+
+    def make_hook(edit: LayerEdit) -> Callable:
+        def hook(_module: nn.Module, _inputs: Any, output: Tensor | tuple) -> Tensor | tuple | None:
+            new = edit(layer_hidden(output))
+            return None if new is None else replace_hidden(output, new)
+
+        return hook
+
+    try:
+        for layer, edit in edits.items():
+            handles.append(layers[layer].register_forward_hook(make_hook(edit)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def capture_layers(model: nn.Module, layers: Iterable[int], *, detach: bool = True) -> Iterator[dict[int, Tensor]]:
+    """Capture the output ``[B, T, d]`` of each decoder layer in ``layers``.
+
+    Yields a dict that each forward fills with the latest output per layer (detached unless ``detach=False``,
+    which keeps the graph for losses).
+    """
+    captured: dict[int, Tensor] = {}
+
+    def recorder(layer: int) -> LayerEdit:
+        def record(hidden: Tensor) -> None:
+            captured[layer] = hidden.detach() if detach else hidden
+
+        return record
+
+    with hook_layers(model, {layer: recorder(layer) for layer in layers}):
+        yield captured
+
+
+@contextmanager
+def add_to_layers(model: nn.Module, vectors: Mapping[int, Tensor]) -> Iterator[None]:
+    """Add ``vectors[n]`` (``[d]``, or anything broadcastable to ``[B, T, d]``) to the output of layer ``n``."""
+    width = hidden_size(model)
+    for layer, vector in vectors.items():
+        if vector.shape[-1] != width:
+            raise ValueError(f"vector for layer {layer} has size {vector.shape[-1]}, "
+                             f"the model's hidden size is {width}")
+
+    def adder(vector: Tensor) -> LayerEdit:
+        return lambda hidden: hidden + vector.to(device=hidden.device, dtype=hidden.dtype)
+
+    with hook_layers(model, {layer: adder(vector) for layer, vector in vectors.items()}):
+        yield
+
+
+@torch.no_grad()
+def layer_outputs(model: nn.Module, layers: Iterable[int], **inputs: Any) -> dict[int, Tensor]:
+    """One forward of ``model(**inputs)``; the outputs ``[B, T, d]`` of ``layers``."""
+    with capture_layers(model, layers) as captured:
+        model(**inputs)
+    return dict(captured)

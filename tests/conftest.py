@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny seeded models of every family, the byte tokenizer, tiny SAEs on disk, a fake hub cache.
+
+Runs offline (``HF_HUB_OFFLINE=1``). Without CUDA, Triton kernels run in Triton's CPU interpreter; the
+variable must be set before qscope imports its kernels, hence at the top of this file.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from qscope_hf.tiny import FAMILIES, tiny_model, tiny_tokenizer, write_tiny_release  # noqa: E402
+
+RELEASE = "Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def any_model(request):
+    """One tiny model per family (session-scoped: tests must not modify it)."""
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def qwen3():
+    return tiny_model("qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_release(tmp_path_factory) -> Path:
+    """A local directory laid out exactly like a Qwen-Scope hub repo, for the tiny Qwen3 (4 layers, d=64)."""
+    return write_tiny_release(tmp_path_factory.mktemp("release") / "SAE-Res-tiny-W256-L0_8", k=8)
+
+
+def make_hub_cache(root: Path, repo_id: str, files: dict[str, Path]) -> Path:
+    """Lay ``files`` out as huggingface_hub's cache holds a downloaded repo, so that ``hf_hub_download`` with
+    ``HF_HUB_OFFLINE=1`` and ``cache_dir=root`` resolves them through its normal code path."""
+    commit = "0" * 40
+    repo_dir = root / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    for name, source in files.items():
+        (snapshot / name).write_bytes(source.read_bytes())
+    return root

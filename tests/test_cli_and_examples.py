@@ -1,0 +1,35 @@
+"""The demo and the examples run offline, as a newcomer would run them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qscope_hf.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_prints_features_and_reconstruction_error(capsys):
+    main(["demo", "--prompt", "hi there", "--layer", "2"])
+    out = capsys.readouterr().out
+    assert "layer 2: top 3 of k=8 active features per token" in out
+    assert out.count("#") >= 3 * len("hi there")
+    assert "fraction of variance unexplained" in out
+
+
+def run_example(name: str) -> str:
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / name)], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_quickstart_example():
+    out = run_example("quickstart.py")
+    assert "features of the last token" in out and "relative reconstruction error" in out
