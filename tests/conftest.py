@@ -20,30 +20,36 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from qscope_hf.tiny import FAMILIES, tiny_model, tiny_tokenizer, write_tiny_release  # noqa: E402
-
-RELEASE = "Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50"
+from qscope_hf.tiny import FAMILIES  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
+    from qscope_hf.tiny import tiny_tokenizer
+
     return tiny_tokenizer()
 
 
 @pytest.fixture(scope="session", params=FAMILIES)
 def any_model(request):
     """One tiny model per family (session-scoped: tests must not modify it)."""
+    from qscope_hf.tiny import tiny_model
+
     return tiny_model(request.param)
 
 
 @pytest.fixture(scope="session")
 def qwen3():
+    from qscope_hf.tiny import tiny_model
+
     return tiny_model("qwen3")
 
 
 @pytest.fixture(scope="session")
 def tiny_release(tmp_path_factory) -> Path:
     """A local directory laid out exactly like a Qwen-Scope hub repo, for the tiny Qwen3 (4 layers, d=64)."""
+    from qscope_hf.tiny import write_tiny_release
+
     return write_tiny_release(tmp_path_factory.mktemp("release") / "SAE-Res-tiny-W256-L0_8", k=8)
 
 

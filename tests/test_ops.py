@@ -9,6 +9,14 @@ from qscope_hf import ops
 from qscope_hf.ops import chunked, dispatch, reference
 
 STREAMING = ["chunked", "triton"]
+#: Triton runs on the GPU when there is one, else in Triton's CPU interpreter (conftest sets TRITON_INTERPRET).
+DEVICE = {"triton": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def on(backend, *tensors):
+    """Move test inputs to where ``backend`` runs."""
+    moved = tuple(t.to(DEVICE.get(backend, "cpu")) for t in tensors)
+    return moved if len(moved) > 1 else moved[0]
 #: Per-dtype tolerance on values: fp32 summation order, or one rounding step of the output dtype.
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
        torch.float16: dict(rtol=2e-3, atol=2e-3), torch.float64: dict(rtol=1e-10, atol=1e-10)}
@@ -81,7 +89,7 @@ def test_backend_equals_reference(backend, shape, dtype, monkeypatch):
     n, d_model, d_sae, k = shape
     monkeypatch.setattr(chunked, "MIN_TILE", 37)  # several tiles of odd width even at these sizes
     monkeypatch.setattr(chunked, "TILE_ELEMENTS", 37 * n)
-    x, W, b = make_encoder(n, d_model, d_sae, dtype=dtype, seed=n)
+    x, W, b = on(backend, *make_encoder(n, d_model, d_sae, dtype=dtype, seed=n))
     for activation in ops.ACTIVATIONS:
         values, indices = ops.topk_encode(x, W, b, k, activation, backend=backend)
         want_values, want_indices = ops.topk_encode(x, W, b, k, activation, backend="reference")
@@ -98,19 +106,20 @@ def test_forced_ties_follow_the_documented_rule(backend):
     W = torch.randint(-3, 4, (8, 16), generator=g).float().repeat_interleave(5, dim=0)  # 5g..5g+4 identical
     x = torch.randint(-3, 4, (6, 16), generator=g).float()
     b = torch.zeros(40)
+    x, W, b = on(backend, x, W, b)
     values, indices = ops.topk_encode(x, W, b, 7, backend=backend)
     pre = x @ W.T
     for row in range(6):
         order = sorted(range(40), key=lambda f: (-float(pre[row, f]), f))[:7]
         assert indices[row].tolist() == order
     # all pre-activations equal (zero rows, zero bias): the k lowest indices, and ReLU keeps them at 0
-    values, indices = ops.topk_encode(x, torch.zeros(40, 16), b, 9, backend=backend)
-    assert torch.equal(indices, torch.arange(9).expand(6, 9)) and not values.any()
+    values, indices = ops.topk_encode(x, torch.zeros_like(W), b, 9, backend=backend)
+    assert torch.equal(indices.cpu(), torch.arange(9).expand(6, 9)) and not values.any()
 
 
 @pytest.mark.parametrize("backend", STREAMING)
 def test_leading_dims_noncontiguous_and_empty(backend):
-    x, W, b = make_encoder(4, 48, 200, lead=(2, 3))
+    x, W, b = on(backend, *make_encoder(4, 48, 200, lead=(2, 3)))
     x_strided = torch.stack([x, -x], dim=-1).flatten(-2)[..., ::2]  # same values, non-contiguous
     assert torch.equal(x_strided, x) and not x_strided.is_contiguous()
     W_strided = W.T.contiguous().T  # transposed storage
@@ -121,15 +130,15 @@ def test_leading_dims_noncontiguous_and_empty(backend):
     torch.testing.assert_close(values, want_values)
     empty_values, empty_indices = ops.topk_encode(x[:, :0], W, b, 9, backend=backend)
     assert empty_values.shape == empty_indices.shape == (2, 0, 4, 9)
-    W_dec = torch.randn(48, 200)
-    empty_recon = ops.sparse_decode(empty_values, empty_indices, W_dec, torch.zeros(48), backend=backend)
+    W_dec, b_dec = on(backend, torch.randn(48, 200), torch.zeros(48))
+    empty_recon = ops.sparse_decode(empty_values, empty_indices, W_dec, b_dec, backend=backend)
     assert empty_recon.shape == (2, 0, 4, 48)
 
 
 def test_triton_threshold_fallback_rows_stay_exact():
     """Capacity too small for most rows and a sample stride that over-estimates: results are still exact."""
     triton_kernels = dispatch.triton_module()
-    x, W, b = make_encoder(30, 32, 2048, seed=5)
+    x, W, b = on("triton", *make_encoder(30, 32, 2048, seed=5))
     want_values, want_indices = reference.topk_encode(x, W, b, 20, "topk")
     for stride, capacity in [(4, 24), (2, 20), (64, None)]:
         values, indices = triton_kernels.select_topk(x, W, b, 20, sample_stride=stride, capacity=capacity)
@@ -145,7 +154,8 @@ def test_sparse_primitives_match_dense_formulas(backend):
     values, rows = torch.randn(9, 5, generator=g), torch.randn(9, 24, generator=g)
     indices = torch.randint(0, 70, (9, 5), generator=g)
     table = torch.randn(70, 24, generator=g)
-    dense = torch.zeros(9, 70).scatter_add(-1, indices, values)  # repeated indices add up
+    values, rows, indices, table = on(backend, values, rows, indices, table)
+    dense = values.new_zeros(9, 70).scatter_add(-1, indices, values)  # repeated indices add up
     torch.testing.assert_close(kernels.gather_sum(values, indices, table).float(), dense @ table)
     torch.testing.assert_close(kernels.gather_dot(indices, table, rows), (table[indices] * rows[:, None]).sum(-1))
     torch.testing.assert_close(kernels.scatter_outer(values, indices, rows, 70), dense.T @ rows)
@@ -154,9 +164,9 @@ def test_sparse_primitives_match_dense_formulas(backend):
 @pytest.mark.parametrize("backend", STREAMING)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_sparse_decode_equals_reference(backend, dtype):
-    x, W, b = make_encoder(12, 40, 300, dtype=dtype)
+    x, W, b = on(backend, *make_encoder(12, 40, 300, dtype=dtype))
     values, indices = ops.topk_encode(x, W, b, 16, backend="reference")
-    W_dec, b_dec = torch.randn(40, 300).to(dtype), torch.randn(40).to(dtype)
+    W_dec, b_dec = on(backend, torch.randn(40, 300).to(dtype), torch.randn(40).to(dtype))
     want = ops.sparse_decode(values, indices, W_dec, b_dec, backend="reference")
     torch.testing.assert_close(ops.sparse_decode(values, indices, W_dec, b_dec, backend=backend), want, **TOL[dtype])
 
@@ -165,7 +175,7 @@ def test_sparse_decode_equals_reference(backend, dtype):
 @pytest.mark.parametrize("backend", STREAMING)
 @pytest.mark.parametrize("activation", ops.ACTIVATIONS)
 def test_encode_gradcheck(backend, activation):
-    x, W, b = make_encoder(3, 8, 24, dtype=torch.float64, seed=11)
+    x, W, b = on(backend, *make_encoder(3, 8, 24, dtype=torch.float64, seed=11))
     inputs = tuple(t.clone().requires_grad_() for t in (x, W, b))
     assert torch.autograd.gradcheck(lambda *t: ops.topk_encode(*t, 4, activation, backend=backend)[0], inputs)
 
@@ -177,15 +187,15 @@ def test_decode_gradcheck(backend):
     indices = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(5)])
     W_dec = torch.randn(8, 16, dtype=torch.float64, generator=g)
     b_dec = torch.randn(8, dtype=torch.float64, generator=g)
+    values, indices, W_dec, b_dec = on(backend, values, indices, W_dec, b_dec)
     inputs = tuple(t.clone().requires_grad_() for t in (values, W_dec, b_dec))
     assert torch.autograd.gradcheck(lambda v, w, bd: ops.sparse_decode(v, indices, w, bd, backend=backend), inputs)
 
 
 @pytest.mark.parametrize("backend", STREAMING)
 def test_gradients_equal_reference_autograd(backend):
-    x, W, b = make_encoder(10, 24, 120, seed=9)
-    W_dec, b_dec = torch.randn(24, 120), torch.randn(24)
-    weight = torch.randn(10, 24)
+    x, W, b = on(backend, *make_encoder(10, 24, 120, seed=9))
+    W_dec, b_dec, weight = on(backend, torch.randn(24, 120), torch.randn(24), torch.randn(10, 24))
     grads = {}
     for name in ["reference", backend]:
         leaves = [t.clone().requires_grad_() for t in (x, W, b, W_dec, b_dec)]

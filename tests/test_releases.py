@@ -40,3 +40,4 @@ def test_lookup_and_errors():
         find_release("Qwen3-4B")
     with pytest.raises(ValueError, match="layer 28 is out of range.*layers 0..27"):
         get_release("Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_100").layer_file(28)
+

@@ -1,9 +1,10 @@
 """Streaming TopK selection in plain torch: the CPU default.
 
-The encoder GEMM runs over ``d_sae`` in tiles; each tile's best ``k`` candidates are merged into a running
-top-k per row, so peak extra memory is ``O(N·k + N·tile)`` instead of ``O(N·d_sae)``. The selection rule
-(ties towards the lower feature index) is that of :mod:`qscope_hf.ops.reference`;
-:func:`topk_with_ties` enforces it for any list of candidates and is shared with the Triton backend.
+The encoder GEMM runs over ``d_sae`` in tiles; each tile's best ``k`` candidates join a candidate buffer that is
+cut back to the best ``k`` whenever it grows past a few tiles' worth, so peak extra memory is
+``O(N·k + N·tile)`` instead of ``O(N·d_sae)``. The selection rule (ties towards the lower feature index) is
+that of :mod:`qscope_hf.ops.reference`; :func:`topk_with_ties` enforces it for any list of candidates and is
+shared with the Triton backend.
 """
 
 from __future__ import annotations
@@ -13,14 +14,22 @@ from torch import Tensor
 
 from .reference import accumulate_dtype
 
-#: Elements of one ``[N, tile]`` pre-activation tile (16 MiB in fp32); the tile width follows from N.
-TILE_ELEMENTS = 1 << 22
+#: A tile of ``[N, tile]`` pre-activations may always hold this many elements (8 MiB in fp32) ...
+TILE_ELEMENTS = 1 << 21
+#: ... or, when that is more, ``1 / TILE_FRACTION`` of the dense ``[N, d_sae]`` matrix.
+TILE_FRACTION = 16
 MIN_TILE = 256
+#: Candidates are cut back to ``k`` once the buffer holds this many times ``k``.
+MERGE_FACTOR = 8
 
 
 def tile_width(n_rows: int, d_sae: int) -> int:
-    """Columns per tile so that one ``[n_rows, tile]`` tile holds about :data:`TILE_ELEMENTS` elements."""
-    return min(d_sae, max(MIN_TILE, TILE_ELEMENTS // max(n_rows, 1)))
+    """Columns per tile: the larger of :data:`TILE_ELEMENTS` elements and ``d_sae / TILE_FRACTION`` columns.
+
+    Peak extra memory is then about ``max(8 MiB, dense / 16)`` where dense is the ``[N, d_sae]`` fp32 matrix a
+    naive encode allocates (twice, with its ReLU output).
+    """
+    return min(d_sae, max(MIN_TILE, TILE_ELEMENTS // max(n_rows, 1), d_sae // TILE_FRACTION))
 
 
 def _order(values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -31,22 +40,23 @@ def _order(values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values.gather(-1, order), indices.gather(-1, order)
 
 
-def topk_with_ties(values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The ``k`` best candidates of each row, ties towards the lower index, in descending order.
+def topk_with_ties(values: Tensor, indices: Tensor, k: int, *, ordered: bool = True) -> tuple[Tensor, Tensor]:
+    """The ``k`` best candidates of each row, ties towards the lower index.
 
     ``values``/``indices`` ``[N, C]`` list each row's candidates in any order (``C >= k``); returns ``[N, k]``
-    each. A fast ``topk`` picks the set; rows where the k-th and (k+1)-th values tie (the only case where
-    ``topk``'s choice is unspecified) are redone by a full sort.
+    each, in descending order (ties by index) when ``ordered``, else in any order. A fast ``topk`` picks the set;
+    rows where the k-th and (k+1)-th values tie (the only case where ``topk``'s choice is unspecified) are
+    redone by a full sort.
     """
     if values.shape[1] > k:
-        top, position = values.topk(k + 1, dim=-1)
+        top, position = values.topk(k + 1, dim=-1, sorted=True)
         tied = top[:, k - 1] == top[:, k]
         chosen_values, chosen_indices = top[:, :k], indices.gather(-1, position[:, :k])
         if bool(tied.any()):
             rows = tied.nonzero().squeeze(1)
             chosen_values[rows], chosen_indices[rows] = _order(values[rows], indices[rows], k)
         values, indices = chosen_values, chosen_indices
-    return _order(values, indices, k)
+    return _order(values, indices, k) if ordered else (values, indices)
 
 
 @torch.no_grad()
@@ -56,16 +66,19 @@ def select_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, tile: int | Non
     acc = accumulate_dtype(x.dtype)
     tile = tile or tile_width(n_rows, d_sae)
     xa = x.to(acc)
-    best_values = xa.new_empty(n_rows, 0)
-    best_indices = torch.empty(n_rows, 0, dtype=torch.long, device=x.device)
+    values: list[Tensor] = []
+    indices: list[Tensor] = []
+    buffered = 0
     for start in range(0, d_sae, tile):
         stop = min(start + tile, d_sae)
         pre = torch.addmm(b_enc[start:stop].to(acc), xa, W_enc[start:stop].to(acc).T)
         columns = torch.arange(start, stop, device=x.device).expand_as(pre)
         if pre.shape[1] > k:
-            pre, columns = topk_with_ties(pre, columns, k)
-        best_values = torch.cat([best_values, pre], dim=1)
-        best_indices = torch.cat([best_indices, columns], dim=1)
-        if best_values.shape[1] > k:
-            best_values, best_indices = topk_with_ties(best_values, best_indices, k)
-    return topk_with_ties(best_values, best_indices, k)
+            pre, columns = topk_with_ties(pre, columns, k, ordered=False)
+        values.append(pre)
+        indices.append(columns)
+        buffered += pre.shape[1]
+        if buffered >= MERGE_FACTOR * k:
+            merged = topk_with_ties(torch.cat(values, dim=1), torch.cat(indices, dim=1), k, ordered=False)
+            values, indices, buffered = [merged[0]], [merged[1]], k
+    return topk_with_ties(torch.cat(values, dim=1), torch.cat(indices, dim=1), k)

@@ -154,14 +154,21 @@ def _threshold(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, stride: int) -> 
     return sample.topk(needed, dim=-1).values[:, -1].to(accumulate_dtype(x.dtype))
 
 
+def encode_config(dtype: torch.dtype, n_rows: int, d_model: int) -> dict[str, int]:
+    """Tile sizes and launch options of the fused encode kernel (tuned on an H100, see benchmarks/RESULTS.md)."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    return {"BLOCK_M": min(128, _pow2(n_rows)), "BLOCK_N": 128, "BLOCK_K": min(64 if half else 32, _pow2(d_model)),
+            "num_warps": 8, "num_stages": 3 if half else 2}
+
+
 def select_topk(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *,
-    sample_stride: int = SAMPLE_STRIDE, capacity: int | None = None,
+    sample_stride: int = SAMPLE_STRIDE, capacity: int | None = None, config: dict[str, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Top-``k`` pre-activations of ``x [N, d_model]`` by the fused kernel: ``(values [N, k], indices [N, k])``.
 
-    ``sample_stride`` and ``capacity`` (candidates kept per row) tune the threshold; the defaults keep the
-    candidate buffer ~3× the expected count. Results do not depend on them, only speed does.
+    ``sample_stride`` and ``capacity`` (candidates kept per row) tune the threshold, ``config`` the kernel's tiles
+    (default :func:`encode_config`); results do not depend on any of them, only speed does.
     """
     n_rows, d_model = x.shape
     d_sae = W_enc.shape[0]
@@ -176,18 +183,14 @@ def select_topk(
     counts = torch.zeros(n_rows, dtype=torch.int32, device=x.device)
     cand_values = x.new_full((n_rows, capacity), -math.inf, dtype=acc)
     cand_indices = torch.full((n_rows, capacity), d_sae, dtype=torch.int32, device=x.device)
-    half = x.dtype in (torch.bfloat16, torch.float16)
-    block_m = min(128, _pow2(n_rows))
-    block_k = min(64 if half else 32, _pow2(d_model))
-    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(d_sae, 128))
+    config = config or encode_config(x.dtype, n_rows, d_model)
+    grid = (triton.cdiv(n_rows, config["BLOCK_M"]), triton.cdiv(d_sae, config["BLOCK_N"]))
     _encode_candidates_kernel[grid](
         x, W_enc, b_enc, threshold, counts, cand_values, cand_indices,
         n_rows, d_model, d_sae, capacity,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
         ACC=_acc_type(x.dtype), PRECISION=_dot_precision(x.dtype),
-        UPCAST=x.dtype == torch.bfloat16 and triton_interpreted(),
-        BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=block_k,
-        num_warps=8, num_stages=3 if half else 2,
+        UPCAST=x.dtype == torch.bfloat16 and triton_interpreted(), **config,
     )
     values, indices = topk_with_ties(cand_values, cand_indices.long(), k)
     redo = ((counts < k) | (counts > capacity)).nonzero().squeeze(1)
