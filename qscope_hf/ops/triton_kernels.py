@@ -4,15 +4,17 @@
 matrix. Keeping an exact running top-k inside the GEMM epilogue needs a sort network per tile, which costs more
 than the GEMM itself at k = 50–100. This backend instead streams with a per-row *threshold*:
 
-1. a strided sample of the latents (every ``sample_stride``-th encoder row, 1/32 of the GEMM) gives each row a
-   threshold ``t`` that about ``12·sample_stride`` pre-activations exceed — safely more than ``k`` of them;
-2. one fused kernel runs the GEMM tile by tile, adds the bias, and appends every pre-activation ``>= t`` with its
-   feature index to a per-row candidate buffer ``[N, capacity]`` (slots from an atomic counter per row);
-3. the exact top-k (shared tie rule, :func:`.chunked.topk_with_ties`) is taken among the candidates.
+1. a strided sample of the latents (every ``sample_stride``-th encoder row: 1/32 of the GEMM) gives each row a
+   threshold ``t`` that about ``(k/32 + 10)·32`` pre-activations exceed, safely more than ``k``;
+2. one fused kernel runs the GEMM tile by tile, adds the bias, and appends every pre-activation ``>= t`` to a
+   per-row candidate buffer ``[N, capacity]`` (one atomic per row and tile reserves the slots; a prefix sum
+   places them), packed with its feature index into an int64 key ordered by (value, lower index);
+3. the ``k`` largest keys of each row are the exact top-k under the shared tie rule.
 
 The result is exact, not approximate: a row whose count is below ``k`` (threshold too high) or above ``capacity``
 (buffer overflow) is recomputed by the streaming torch backend; with the default sample such rows are rare.
-ReLU commutes with TopK, so it is applied to the ``k`` selected values only.
+ReLU commutes with TopK, so it is applied to the ``k`` selected values only. Keys hold fp32 values, so fp64
+activations (used for gradient checks) select through the torch backend.
 
 **Sparse primitives.** ``gather_sum`` (the decode, and the encoder's input gradient), ``gather_dot`` (the
 decode's value gradient) and ``scatter_outer`` (weight gradients, fp32 atomics: summation order is not
@@ -33,13 +35,14 @@ import triton.language as tl
 from torch import Tensor
 
 from .chunked import select_topk as chunked_select_topk
-from .chunked import topk_with_ties
 from .dispatch import triton_interpreted
 from .reference import accumulate_dtype
 
 SAMPLE_STRIDE = 32
 #: Extra sampled latents above the threshold beyond the ``ceil(k / stride)`` the expectation asks for.
 SAMPLE_MARGIN = 10
+#: Key of an empty candidate slot (below every real key).
+EMPTY_KEY = -(2**63)
 
 
 def _acc_type(dtype: torch.dtype) -> tl.dtype:
@@ -53,37 +56,103 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _pack_keys(values, columns):
+    """int64 keys ordered like (fp32 value, then lower column first); -0.0 counts as +0.0."""
+    bits = values.to(tl.int32, bitcast=True)
+    bits = tl.where(bits == -2147483648, 0, bits)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - columns).to(tl.int64)
+
+
+@triton.jit
+def _unpack_keys(keys):
+    high = (keys >> 32).to(tl.int32)
+    values = (high ^ ((high >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    return values, 0x7FFFFFFF - (keys & 0xFFFFFFFF)
+
+
+@triton.jit
 def _encode_candidates_kernel(
-    x_ptr, w_ptr, b_ptr, thr_ptr, count_ptr, val_ptr, idx_ptr,
+    x_ptr, w_ptr, b_ptr, thr_ptr, count_ptr, key_ptr,
     n_rows, d_model, d_sae, capacity,
     stride_xn, stride_xd, stride_wf, stride_wd,
-    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    col_ok = cols < d_sae
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
-    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wf
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for k0 in range(0, d_model, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < d_model
-        a = tl.load(x_rows + ks[None, :] * stride_xd, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_rows + ks[None, :] * stride_wd, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+    # Grouped launch order: GROUP_M row blocks sweep the latent tiles together, so tiles are reused from L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(n_rows, BLOCK_M)
+    num_n = tl.cdiv(d_sae, BLOCK_N)
+    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+    group_rows = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_rows
+    pid_n = (pid % (GROUP_M * num_n)) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    # Out-of-range rows/columns read valid memory (wrapped) and are dropped in the epilogue.
+    x_ptrs = x_ptr + (rows % n_rows).to(tl.int64)[:, None] * stride_xn + ks[None, :] * stride_xd
+    w_ptrs = w_ptr + (cols % d_sae).to(tl.int64)[None, :] * stride_wf + ks[:, None] * stride_wd
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(d_model, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_left = d_model - k0 * BLOCK_K
+            a = tl.load(x_ptrs, mask=ks[None, :] < k_left, other=0.0)
+            b = tl.load(w_ptrs, mask=ks[:, None] < k_left, other=0.0)
         if UPCAST:  # Triton's CPU interpreter computes bf16 dots wrongly; bf16 -> fp32 is exact
             a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION, out_dtype=ACC)
-    acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-    threshold = tl.load(thr_ptr + rows, mask=row_ok, other=0.0)
-    keep = (acc >= threshold[:, None]) & row_ok[:, None] & col_ok[None, :]
-    counters = count_ptr + rows[:, None] + tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    slot = tl.atomic_add(counters, 1, mask=keep)
-    keep = keep & (slot < capacity)
-    dst = rows.to(tl.int64)[:, None] * capacity + slot
-    tl.store(val_ptr + dst, acc, mask=keep)
-    tl.store(idx_ptr + dst, cols[None, :] + tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), mask=keep)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * stride_xd
+        w_ptrs += BLOCK_K * stride_wd
+    acc += tl.load(b_ptr + cols, mask=cols < d_sae, other=0.0).to(tl.float32)[None, :]
+    row_ok = rows < n_rows
+    threshold = tl.load(thr_ptr + rows, mask=row_ok, other=float("inf"))
+    keep = ((acc >= threshold[:, None]) & (cols < d_sae)[None, :]).to(tl.int32)
+    hits = tl.sum(keep, axis=1)
+    base = tl.atomic_add(count_ptr + rows, hits, mask=row_ok & (hits > 0))
+    slot = base[:, None] + tl.cumsum(keep, axis=1) - 1
+    store = (keep > 0) & (slot < capacity) & row_ok[:, None]
+    dst = key_ptr + rows.to(tl.int64)[:, None] * capacity + slot
+    tl.store(dst, _pack_keys(acc, cols[None, :]), mask=store)
+
+
+@triton.jit
+def _kth_largest_kernel(x_ptr, out_ptr, n_rows, n_cols, stride, kth,
+                        ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """``kth`` largest distinct value of each row: ``kth`` rounds of max-and-remove (kth is small)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    values = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], mask=mask,
+                     other=float("-inf")).to(tl.float32)
+    best = tl.max(values, axis=1)
+    for _ in range(1, kth):
+        values = tl.where(values == best[:, None], float("-inf"), values)
+        best = tl.max(values, axis=1)
+    tl.store(out_ptr + rows, best, mask=rows < n_rows)
+
+
+@triton.jit
+def _select_kernel(key_ptr, value_ptr, index_ptr, n_rows, capacity, k,
+                   ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """The ``k`` largest keys of each row, unpacked, in descending order: ``k`` rounds of max-and-remove
+    (keys are unique, so each round removes exactly one)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    keys = tl.load(key_ptr + rows64[:, None] * capacity + cols[None, :],
+                   mask=row_ok[:, None] & (cols < capacity)[None, :], other=-9223372036854775808)
+    for j in range(0, k):
+        best = tl.max(keys, axis=1)
+        values, indices = _unpack_keys(best)
+        tl.store(value_ptr + rows64 * k + j, values, mask=row_ok)
+        tl.store(index_ptr + rows64 * k + j, indices, mask=row_ok)
+        keys = tl.where(keys == best[:, None], -9223372036854775808, keys)
 
 
 @triton.jit
@@ -151,14 +220,55 @@ def _threshold(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, stride: int) -> 
     if needed >= sample_w.shape[0]:
         return None
     sample = torch.addmm(sample_b, x, sample_w.T)
-    return sample.topk(needed, dim=-1).values[:, -1].to(accumulate_dtype(x.dtype))
+    n_rows, n_cols = sample.shape
+    threshold = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    rows = _rows_per_program(n_cols)
+    _kth_largest_kernel[(triton.cdiv(n_rows, rows),)](sample, threshold, n_rows, n_cols, sample.stride(0), needed,
+                                                      ROWS=rows, BLOCK=_pow2(n_cols))
+    return threshold
+
+
+def _rows_per_program(width: int) -> int:
+    """Rows per program for the row-wise selection kernels: about 4K elements in registers."""
+    return max(1, min(16, 4096 // _pow2(width)))
 
 
 def encode_config(dtype: torch.dtype, n_rows: int, d_model: int) -> dict[str, int]:
-    """Tile sizes and launch options of the fused encode kernel (tuned on an H100, see benchmarks/RESULTS.md)."""
+    """Tile sizes and launch options of the fused encode kernel (the best of a sweep on an H100 in bf16,
+    benchmarks/tune_triton.py; see benchmarks/RESULTS.md)."""
     half = dtype in (torch.bfloat16, torch.float16)
     return {"BLOCK_M": min(128, _pow2(n_rows)), "BLOCK_N": 128, "BLOCK_K": min(64 if half else 32, _pow2(d_model)),
-            "num_warps": 8, "num_stages": 3 if half else 2}
+            "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+
+
+def launch_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, threshold: Tensor, capacity: int,
+                  config: dict[str, int]) -> tuple[Tensor, Tensor]:
+    """Run the fused kernel: per row, the count of pre-activations ``>= threshold`` (``[N]`` int32) and their packed
+    keys (``[N, capacity]`` int64, empty slots :data:`EMPTY_KEY`)."""
+    n_rows, d_model = x.shape
+    d_sae = W_enc.shape[0]
+    counts = torch.zeros(n_rows, dtype=torch.int32, device=x.device)
+    keys = torch.full((n_rows, capacity), EMPTY_KEY, dtype=torch.int64, device=x.device)
+    grid = (triton.cdiv(n_rows, config["BLOCK_M"]) * triton.cdiv(d_sae, config["BLOCK_N"]),)
+    _encode_candidates_kernel[grid](
+        x, W_enc, b_enc, threshold, counts, keys, n_rows, d_model, d_sae, capacity,
+        x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
+        PRECISION=_dot_precision(x.dtype), UPCAST=x.dtype == torch.bfloat16 and triton_interpreted(),
+        EVEN_K=d_model % config["BLOCK_K"] == 0, **config,
+    )
+    return counts, keys
+
+
+def select_from_keys(keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest keys of each row, unpacked: ``(values [N, k] fp32, indices [N, k] int64)``, descending."""
+    n_rows, capacity = keys.shape
+    values = torch.empty(n_rows, k, dtype=torch.float32, device=keys.device)
+    indices = torch.empty(n_rows, k, dtype=torch.int64, device=keys.device)
+    if n_rows:
+        rows = _rows_per_program(capacity)
+        _select_kernel[(triton.cdiv(n_rows, rows),)](keys, values, indices, n_rows, capacity, k,
+                                                     ROWS=rows, BLOCK=_pow2(capacity))
+    return values, indices
 
 
 def select_topk(
@@ -167,32 +277,24 @@ def select_topk(
 ) -> tuple[Tensor, Tensor]:
     """Top-``k`` pre-activations of ``x [N, d_model]`` by the fused kernel: ``(values [N, k], indices [N, k])``.
 
-    ``sample_stride`` and ``capacity`` (candidates kept per row) tune the threshold, ``config`` the kernel's tiles
+    ``sample_stride`` and ``capacity`` (candidates kept per row, default about twice the expected count) tune the
+    threshold, ``config`` the kernel's tiles
     (default :func:`encode_config`); results do not depend on any of them, only speed does.
     """
+    if x.dtype == torch.float64:
+        return chunked_select_topk(x, W_enc, b_enc, k)
     n_rows, d_model = x.shape
     d_sae = W_enc.shape[0]
-    acc = accumulate_dtype(x.dtype)
-    threshold = _threshold(x, W_enc, b_enc, k, sample_stride)
+    threshold = _threshold(x, W_enc, b_enc, k, sample_stride) if n_rows else None
     if threshold is None:
-        threshold = x.new_full((n_rows,), -math.inf, dtype=acc)
+        threshold = torch.full((n_rows,), -math.inf, device=x.device)
         capacity = d_sae
     elif capacity is None:
-        capacity = min(d_sae, _pow2(3 * (math.ceil(k / sample_stride) + SAMPLE_MARGIN) * sample_stride))
+        capacity = min(d_sae, _pow2(2 * (math.ceil(k / sample_stride) + SAMPLE_MARGIN) * sample_stride))
     capacity = max(capacity, k)
-    counts = torch.zeros(n_rows, dtype=torch.int32, device=x.device)
-    cand_values = x.new_full((n_rows, capacity), -math.inf, dtype=acc)
-    cand_indices = torch.full((n_rows, capacity), d_sae, dtype=torch.int32, device=x.device)
     config = config or encode_config(x.dtype, n_rows, d_model)
-    grid = (triton.cdiv(n_rows, config["BLOCK_M"]), triton.cdiv(d_sae, config["BLOCK_N"]))
-    _encode_candidates_kernel[grid](
-        x, W_enc, b_enc, threshold, counts, cand_values, cand_indices,
-        n_rows, d_model, d_sae, capacity,
-        x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
-        ACC=_acc_type(x.dtype), PRECISION=_dot_precision(x.dtype),
-        UPCAST=x.dtype == torch.bfloat16 and triton_interpreted(), **config,
-    )
-    values, indices = topk_with_ties(cand_values, cand_indices.long(), k)
+    counts, keys = launch_encode(x, W_enc, b_enc, threshold, capacity, config)
+    values, indices = select_from_keys(keys, k)
     redo = ((counts < k) | (counts > capacity)).nonzero().squeeze(1)
     if redo.numel():
         values[redo], indices[redo] = chunked_select_topk(x[redo], W_enc, b_enc, k)
