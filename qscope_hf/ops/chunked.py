@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .reference import accumulate_dtype
 
-#: A tile's fp32 temporaries may always hold this many elements (8 MiB) ...
+#: A tile's temporaries may always hold this many elements (8 MiB in fp32) ...
 TILE_ELEMENTS = 1 << 21
 #: ... or, when that is more, ``1 / TILE_FRACTION`` of the dense ``[N, d_sae]`` matrix.
 TILE_FRACTION = 16
@@ -23,16 +23,16 @@ MIN_TILE = 256
 MERGE_FACTOR = 8
 
 
-def tile_width(n_rows: int, d_sae: int, cast_width: int = 0) -> int:
-    """Columns per tile, so that a tile's temporaries (``[N, tile]`` pre-activations, plus ``[tile, cast_width]``
-    encoder rows when the weights must be cast to the accumulate dtype) hold at most
-    ``max(TILE_ELEMENTS, N·d_sae / TILE_FRACTION)`` elements.
+def tile_width(n_rows: int, d_sae: int, d_model: int) -> int:
+    """Columns per tile, so that a tile's temporaries (``[N, tile]`` pre-activations and ``[tile, d_model]`` encoder
+    rows: cast to the accumulate dtype, or packed by the BLAS) hold at most ``max(TILE_ELEMENTS, N·d_sae / 16)``
+    elements.
 
     Peak extra memory is then about ``max(8 MiB, dense / 16)`` where dense is the ``[N, d_sae]`` fp32 matrix a
     naive encode allocates (twice, with its ReLU output).
     """
     budget = max(TILE_ELEMENTS, n_rows * d_sae // TILE_FRACTION)
-    return min(d_sae, max(MIN_TILE, budget // max(n_rows + cast_width, 1)))
+    return min(d_sae, max(MIN_TILE, budget // (n_rows + d_model)))
 
 
 def _order(values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -67,7 +67,7 @@ def select_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, tile: int | Non
     """Top-``k`` pre-activations of ``x [N, d_model]``: ``(values [N, k] in the accumulate dtype, indices [N, k])``."""
     n_rows, d_sae = x.shape[0], W_enc.shape[0]
     acc = accumulate_dtype(x.dtype)
-    tile = tile or tile_width(n_rows, d_sae, 0 if W_enc.dtype == acc else W_enc.shape[1])
+    tile = tile or tile_width(n_rows, d_sae, W_enc.shape[1])
     xa = x.to(acc)
     values: list[Tensor] = []
     indices: list[Tensor] = []
