@@ -15,9 +15,27 @@ from .hooks import (
 )
 from .releases import Release, UnknownReleaseError, find_release, get_release, list_releases, register_release
 from .sae import SparseAutoencoder
+from .steering import (
+    FeatureTrace,
+    SAELogitsProcessor,
+    Steering,
+    SteeringGenerationMixin,
+    SteeringSession,
+    disable_steering,
+    enable_steering,
+    steering,
+)
 
 __all__ = [
     "CheckpointError",
+    "FeatureTrace",
+    "SAELogitsProcessor",
+    "Steering",
+    "SteeringGenerationMixin",
+    "SteeringSession",
+    "disable_steering",
+    "enable_steering",
+    "steering",
     "Release",
     "SAEConfig",
     "SparseAutoencoder",

@@ -1,0 +1,422 @@
+"""Steering generation with SAE features (METHODS.md §4): ``h' = h + α·W_dec[:, f]`` at chosen layers and positions.
+
+One mechanism, three ways in. A :class:`SteeringSession` hooks the decoder layers named by its :class:`Steering`
+specs for exactly one ``generate`` call (or one block of plain forwards) and removes the hooks when it ends,
+also on exceptions:
+
+- ``SAELogitsProcessor(model, steerings)`` passed to a plain ``model.generate(..., logits_processor=[proc])``;
+- ``model.generate(**inputs, steering=spec)`` once :func:`enable_steering` (or :class:`SteeringGenerationMixin`)
+  gave the model a ``steering=`` argument;
+- ``with steering(model, specs, attention_mask=...):`` around plain forwards.
+
+A processor cannot see the prefill forward (transformers calls processors after it), so constructing one calls
+:func:`enable_steering` on the model instance: its class becomes a subclass, with the same name, whose
+``generate`` opens a session for every :class:`SAELogitsProcessor` in ``logits_processor``. No library class and
+no global is patched; :func:`disable_steering` restores the original class.
+
+Positions: ``"all"`` (real prompt tokens and generated tokens; left padding is never steered), ``"prompt"``,
+``"generated"``, or explicit indices counted from each row's first real token (generated tokens continue the
+count; negative indices count back from the end of the prompt, ``-1`` is the last prompt token).
+
+Modes: ``"add"`` adds ``strength·W_dec[:, f]``; ``"clamp"`` sets the feature's activation to ``strength``
+(``h + (strength − z_f)·W_dec[:, f]``); ``"gated"`` adds only where the gate feature (default: the steered one)
+fires above ``threshold``. Clamp and gated modes read a feature's activation as ``ReLU(f_s(h))`` from its own
+encoder row, without a full encode (exact whenever the feature is in the top-k, as a firing feature is).
+Specs at the same layer apply in the order given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import KW_ONLY, dataclass, field
+from functools import cache
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from . import ops
+from .hooks import check_sae_fits, hook_layers, unwrap_model
+from .sae import SparseAutoencoder
+
+POSITIONS = ("all", "prompt", "generated")
+MODES = ("add", "clamp", "gated")
+RowSpecs = Sequence["Steering | Sequence[Steering] | None"]
+
+
+@dataclass(eq=False)
+class Steering:
+    """Steer ``feature`` (one id or a list) of ``sae`` by ``strength`` (one value or one per feature).
+
+    ``layer`` defaults to the SAE's own layer. See the module docstring for ``positions`` and ``mode``;
+    ``gate_feature``/``threshold`` configure ``mode="gated"``.
+    """
+
+    sae: SparseAutoencoder
+    feature: int | Sequence[int]
+    strength: float | Sequence[float]
+    _: KW_ONLY
+    layer: int | None = None
+    positions: str | Sequence[int] = "all"
+    mode: str = "add"
+    gate_feature: int | None = None
+    threshold: float = 0.0
+    features: Tensor = field(init=False, repr=False)
+    strengths: Tensor = field(init=False, repr=False)
+    _prepared: dict = field(init=False, repr=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.features = self.sae.feature_index(self.feature).cpu()
+        if not self.features.numel():
+            raise ValueError("a Steering needs at least one feature")
+        strengths = torch.as_tensor(self.strength, dtype=torch.float32).reshape(-1)
+        if strengths.numel() not in (1, self.features.numel()):
+            raise ValueError(f"{strengths.numel()} strengths for {self.features.numel()} features")
+        self.strengths = strengths.expand(self.features.numel()).clone()
+        self.layer = self.sae.layer if self.layer is None else self.layer
+        if self.layer is None:
+            raise ValueError("the SAE has no layer: pass Steering(..., layer=n)")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown steering mode {self.mode!r}; choose one of {MODES}")
+        if isinstance(self.positions, str):
+            if self.positions not in POSITIONS:
+                raise ValueError(f"unknown positions {self.positions!r}; choose one of {POSITIONS} or a list of ints")
+        elif not all(isinstance(p, int) for p in self.positions):
+            raise TypeError(f"positions must be one of {POSITIONS} or a list of ints, got {self.positions!r}")
+        gate = self.features[0] if self.gate_feature is None else self.sae.feature_index(self.gate_feature)[0]
+        self.gate_feature = int(gate)
+
+    def tensors(self, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+        """Directions ``[S, d]``, their strength-weighted sum ``[d]`` and (clamp/gated) encoder rows, cast once."""
+        key = (dtype, device)
+        if key not in self._prepared:
+            with torch.no_grad():
+                directions = self.sae.feature_directions(self.features).to(device=device, dtype=dtype)
+                prepared = {"directions": directions,
+                            "vector": (self.strengths.to(device, dtype)[:, None] * directions).sum(0),
+                            "strengths": self.strengths.to(device, dtype)}
+                rows = self.features if self.mode == "clamp" else torch.tensor([self.gate_feature])
+                index = rows.to(self.sae.device)
+                prepared["encoder"] = self.sae.W_enc[index].to(device=device, dtype=dtype)
+                prepared["bias"] = self.sae.b_enc[index].to(device=device, dtype=dtype)
+            self._prepared[key] = prepared
+        return self._prepared[key]
+
+
+def _as_list(steerings: Steering | Sequence[Steering] | None) -> list[Steering]:
+    if steerings is None:
+        return []
+    items = [steerings] if isinstance(steerings, Steering) else list(steerings)
+    for item in items:
+        if not isinstance(item, Steering):
+            raise TypeError(f"expected Steering specs, got {type(item).__name__}")
+    return items
+
+
+@dataclass
+class _Prompt:
+    """The batch a session steers: which prompt positions are real tokens, and how many tokens may follow.
+
+    ``real`` is ``[B, T]`` (False on left padding) or None when every token of every forward is a real prompt
+    token; ``max_new_tokens`` is None for plain forwards (each forward a whole sequence, nothing generated).
+    """
+
+    batch: int
+    real: Tensor | None
+    max_new_tokens: int | None
+    _on_device: dict = field(default_factory=dict)
+
+    @property
+    def length(self) -> int | None:
+        return None if self.real is None else self.real.shape[1]
+
+    def real_on(self, device: torch.device) -> Tensor:
+        if device not in self._on_device:
+            self._on_device[device] = self.real.to(device)
+        return self._on_device[device]
+
+
+def _explicit_targets(real: Tensor, length: int, indices: Sequence[int], extra: int) -> Tensor:
+    """Absolute positions ``[B, P]`` of per-row logical ``indices`` (from each row's first real token; negative
+    from the end of the prompt). ``real`` is ``[B, T]``; raises for an index outside some row's sequence."""
+    pad = length - real.sum(1)
+    lengths = length - pad
+    targets = []
+    for index in indices:
+        logical = lengths + index if index < 0 else torch.full_like(lengths, index)
+        bad = (logical < 0) | (logical >= lengths + extra)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0])
+            raise IndexError(f"position {index} is outside row {row}'s sequence ({int(lengths[row])} prompt "
+                             f"tokens + up to {extra} generated)")
+        targets.append(pad + logical)
+    return torch.stack(targets, dim=1)
+
+
+@dataclass
+class _Entry:
+    spec: Steering
+    rows: Tensor | None  # [B] bool: the prompt rows it applies to (None: all)
+    targets: Tensor | None = None  # [B, P] absolute positions of explicit positions (generate sessions)
+
+
+class _LayerSteerer:
+    """The edit a session applies to one decoder layer's output ``[B·expand, t, d]`` at every forward."""
+
+    def __init__(self, entries: list[_Entry], traces: list[FeatureTrace], prompt: _Prompt, stateless: bool) -> None:
+        self.entries, self.traces, self.prompt, self.stateless = entries, traces, prompt, stateless
+        self.offset = 0
+
+    def _real(self, row_of: Tensor, positions: Tensor, first: int) -> Tensor | None:
+        """``[B', t]`` mask of real tokens (None when every position is real)."""
+        prompt = self.prompt
+        if prompt.real is None or first >= prompt.length:
+            return None
+        real = prompt.real_on(positions.device)[row_of][:, positions.clamp(max=prompt.length - 1)]
+        return real | (positions >= prompt.length)[None, :]
+
+    def _mask(self, entry: _Entry, row_of: Tensor, positions: Tensor, first: int) -> Tensor | bool | None:
+        """Where ``entry`` applies in this forward: a ``[B', t]`` bool mask, None (everywhere) or False (nowhere)."""
+        spec, prompt = entry.spec, self.prompt
+        length = prompt.length if prompt.length is not None else first + len(positions)
+        last = first + len(positions) - 1
+        if spec.positions == "generated":
+            if prompt.max_new_tokens is None or last < length:
+                return False
+            mask = None if first >= length else (positions >= length)[None, :].expand(len(row_of), -1)
+        elif spec.positions in ("prompt", "all"):
+            if spec.positions == "prompt" and first >= length:
+                return False
+            mask = self._real(row_of, positions, first)
+            if spec.positions == "prompt" and last >= length:
+                below = (positions < length)[None, :]
+                mask = below.expand(len(row_of), -1) if mask is None else mask & below
+        else:
+            targets = entry.targets
+            if targets is None:  # plain forwards: positions count within this forward's sequence
+                real = prompt.real if prompt.real is not None else torch.ones(prompt.batch, length, dtype=torch.bool)
+                targets = _explicit_targets(real, length, spec.positions, 0)
+            targets = targets.to(positions.device)[row_of]  # [B', P]
+            mask = (positions[None, :, None] == targets[:, None, :]).any(-1)
+        if entry.rows is not None:
+            rows = entry.rows.to(row_of.device)[row_of][:, None]
+            mask = rows.expand(-1, len(positions)) if mask is None else mask & rows
+        return mask
+
+    @staticmethod
+    def _apply(spec: Steering, hidden: Tensor, mask: Tensor | None) -> Tensor:
+        t = spec.tensors(hidden.dtype, hidden.device)
+        if spec.mode == "add":
+            delta = t["vector"]
+        elif spec.mode == "clamp":
+            current = ops.feature_pre_acts(hidden, t["encoder"], t["bias"]).relu()  # [B', t, S]
+            delta = (t["strengths"] - current) @ t["directions"]
+        else:
+            gate = ops.feature_pre_acts(hidden, t["encoder"], t["bias"])[..., 0].relu() > spec.threshold
+            mask = gate if mask is None else mask & gate
+            delta = t["vector"]
+        return hidden + (delta if mask is None else mask[..., None].to(hidden.dtype) * delta)
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        if self.stateless:
+            self.offset = 0
+        rows, steps = hidden.shape[:2]
+        if rows % self.prompt.batch:
+            raise RuntimeError(f"steering was set up for {self.prompt.batch} prompts but the layer sees {rows} rows")
+        row_of = torch.arange(rows, device=hidden.device) // (rows // self.prompt.batch)
+        first = self.offset
+        positions = torch.arange(first, first + steps, device=hidden.device)
+        self.offset += steps
+        for entry in self.entries:
+            mask = self._mask(entry, row_of, positions, first)
+            if mask is not False:
+                hidden = self._apply(entry.spec, hidden, mask)
+        for trace in self.traces:
+            trace.record(hidden)
+        return hidden
+
+
+@dataclass(eq=False)
+class FeatureTrace:
+    """Activations ``ReLU(f_s(h))`` of chosen features at the SAE's layer (after steering), step by step.
+
+    ``values`` is ``[B', T_total, S]`` after a generate call: the prefill's ``T`` positions, then one per step.
+    """
+
+    sae: SparseAutoencoder
+    features: Sequence[int]
+    steps: list[Tensor] = field(default_factory=list, repr=False)
+
+    def record(self, hidden: Tensor) -> None:
+        index = self.sae.feature_index(self.features)
+        with torch.no_grad():
+            rows, bias = (t[index].to(hidden.device, hidden.dtype) for t in (self.sae.W_enc, self.sae.b_enc))
+            acts = ops.feature_pre_acts(hidden, rows, bias)
+        self.steps.append(acts.relu().float().cpu())
+
+    @property
+    def values(self) -> Tensor:
+        return torch.cat(self.steps, dim=1) if self.steps else torch.empty(0)
+
+
+class SteeringSession:
+    """Hooks that apply ``steerings`` (every row) and ``rows`` (one spec list or None per prompt row) to ``model``.
+
+    Enter it around one generate call (``prompt`` known) or around plain forwards (``max_new_tokens=None``: each
+    forward is a whole sequence). Errors in the specs are raised here, before any forward.
+    """
+
+    def __init__(self, model: nn.Module, steerings: Sequence[Steering], rows: RowSpecs | None, prompt: _Prompt,
+                 traces: Sequence[FeatureTrace] = ()) -> None:
+        self.model, self.prompt = model, prompt
+        entries: dict[int, list[_Entry]] = {}
+        for spec in steerings:
+            entries.setdefault(spec.layer, []).append(self._entry(spec, None))
+        if rows is not None:
+            if len(rows) != prompt.batch:
+                raise ValueError(f"{len(rows)} per-row steering specs for a batch of {prompt.batch} prompts")
+            by_spec: dict[int, tuple[Steering, Tensor]] = {}
+            for row, row_specs in enumerate(rows):
+                for spec in _as_list(row_specs):
+                    by_spec.setdefault(id(spec), (spec, torch.zeros(prompt.batch, dtype=torch.bool)))[1][row] = True
+            for spec, mask in by_spec.values():
+                entries.setdefault(spec.layer, []).append(self._entry(spec, mask))
+        for layer_entries in entries.values():
+            for entry in layer_entries:
+                check_sae_fits(model, entry.spec.sae, entry.spec.layer)
+        traced: dict[int, list[FeatureTrace]] = {}
+        for trace in traces:
+            traced.setdefault(check_sae_fits(model, trace.sae), []).append(trace)
+        stateless = prompt.max_new_tokens is None
+        self.steerers = {layer: _LayerSteerer(entries.get(layer, []), traced.get(layer, []), prompt, stateless)
+                         for layer in sorted(set(entries) | set(traced))}
+        self._stack: ExitStack | None = None
+
+    def _entry(self, spec: Steering, rows: Tensor | None) -> _Entry:
+        entry = _Entry(spec, rows)
+        prompt = self.prompt
+        if not isinstance(spec.positions, str) and prompt.max_new_tokens is not None:
+            entry.targets = _explicit_targets(prompt.real, prompt.length, spec.positions, prompt.max_new_tokens)
+        return entry
+
+    def __enter__(self) -> SteeringSession:
+        self._stack = ExitStack()
+        self._stack.enter_context(hook_layers(self.model, self.steerers))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+
+def _prompt_of_generate(model: nn.Module, args: tuple, kwargs: dict) -> _Prompt:
+    """Real-token mask and token budget of a generate call, from its arguments (as transformers reads them)."""
+    if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
+        raise NotImplementedError("SAE steering does not support assisted generation")
+    input_ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    config = kwargs.get("generation_config") or unwrap_model(model).generation_config
+    if input_ids is None:
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            raise ValueError("steered generation needs input_ids or inputs_embeds")
+        shape = embeds.shape[:2]
+    else:
+        shape = input_ids.shape
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        pad = kwargs.get("pad_token_id", config.pad_token_id)
+        known = input_ids is not None and pad is not None
+        real = (input_ids != pad) if known else torch.ones(shape, dtype=torch.bool)
+    else:
+        real = mask.bool()
+    max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
+    if max_new is None:
+        max_new = kwargs.get("max_length", config.max_length) - shape[1]
+    return _Prompt(shape[0], real.cpu(), max(int(max_new), 0))
+
+
+class SAELogitsProcessor(LogitsProcessor):
+    """Steer a ``model.generate`` call with SAE features; pass it in ``logits_processor=``.
+
+    ``steerings`` apply to every row; ``rows`` gives each prompt row its own spec (or list, or None), following
+    the row expansion of ``num_beams`` / ``num_return_sequences``. ``trace`` lists ``(sae, features)`` whose
+    activations are recorded at every step into :attr:`traces` (reset at each call). Steering is in force from
+    the prefill forward of each generate call the processor is passed to, and only then; a processor can be
+    reused. It leaves the scores unchanged.
+    """
+
+    def __init__(self, model: nn.Module, steerings: Steering | Sequence[Steering] | None = None, *,
+                 rows: RowSpecs | None = None, trace: Sequence[tuple[SparseAutoencoder, Sequence[int]]] = ()) -> None:
+        self.steerings, self.rows = _as_list(steerings), rows
+        self.trace_specs = list(trace)
+        for spec in self.steerings + [s for row in rows or [] for s in _as_list(row)]:
+            check_sae_fits(model, spec.sae, spec.layer)
+        self.traces: list[FeatureTrace] = []
+        enable_steering(model)
+
+    def session(self, model: nn.Module, args: tuple, kwargs: dict) -> SteeringSession:
+        """The session for one generate call with these arguments (validated now, before generation)."""
+        self.traces = [FeatureTrace(sae, list(features)) for sae, features in self.trace_specs]
+        prompt = _prompt_of_generate(model, args, kwargs)
+        return SteeringSession(model, self.steerings, self.rows, prompt, self.traces)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return scores
+
+
+class SteeringGenerationMixin:
+    """Adds ``generate(..., steering=..., steering_rows=...)`` to a causal LM and activates every
+    :class:`SAELogitsProcessor` passed in ``logits_processor`` for exactly that call."""
+
+    def generate(self, *args: Any, steering: Steering | Sequence[Steering] | None = None,
+                 steering_rows: RowSpecs | None = None, **kwargs: Any) -> Any:
+        processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+        if steering is not None or steering_rows is not None:
+            processors.append(SAELogitsProcessor(self, steering, rows=steering_rows))
+        active = [p for p in processors if isinstance(p, SAELogitsProcessor)]
+        with ExitStack() as stack:
+            for processor in active:
+                stack.enter_context(processor.session(self, args, kwargs))
+            return super().generate(*args, logits_processor=processors, **kwargs)
+
+
+@cache
+def _steerable(cls: type) -> type:
+    return type(cls.__name__, (SteeringGenerationMixin, cls), {"__module__": cls.__module__,
+                                                               "__qualname__": cls.__qualname__})
+
+
+def enable_steering(model: nn.Module) -> nn.Module:
+    """Give ``model`` (or the HF model inside a PEFT / DDP wrapper) ``generate(..., steering=...)``; returns
+    ``model``. The instance's class becomes a same-named subclass; nothing else changes."""
+    inner = unwrap_model(model)
+    if not isinstance(inner, SteeringGenerationMixin):
+        inner.__class__ = _steerable(type(inner))
+    return model
+
+
+def disable_steering(model: nn.Module) -> nn.Module:
+    """Undo :func:`enable_steering` (restores the instance's original class)."""
+    inner = unwrap_model(model)
+    if isinstance(inner, SteeringGenerationMixin) and type(inner).__bases__[0] is SteeringGenerationMixin:
+        inner.__class__ = type(inner).__bases__[1]
+    return model
+
+
+@contextmanager
+def steering(model: nn.Module, steerings: Steering | Sequence[Steering] | None = None, *,
+             rows: RowSpecs | None = None, attention_mask: Tensor | None = None,
+             batch_size: int | None = None) -> Iterator[SteeringSession]:
+    """Steer plain forwards inside the block: each forward is a whole sequence (``"prompt"`` and ``"all"`` cover
+    its real tokens, ``"generated"`` nothing). ``attention_mask [B, T]`` marks padding; without it every token is
+    real and per-row specs need ``batch_size``."""
+    if attention_mask is None:
+        batch = batch_size if batch_size is not None else (len(rows) if rows is not None else 1)
+        prompt = _Prompt(batch, None, None)
+    else:
+        prompt = _Prompt(attention_mask.shape[0], attention_mask.bool().cpu(), None)
+    with SteeringSession(model, _as_list(steerings), rows, prompt) as session:
+        yield session
