@@ -1,9 +1,22 @@
-"""The ``qscope`` command line."""
+"""The ``qscope`` command line: ``demo``, ``discover``, ``steer``, ``inspect``.
+
+Every command takes ``--model`` (``tiny``, a hub id or a local directory) and ``--sae`` (``tiny``, a Qwen-Scope
+release, or any :meth:`SparseAutoencoder.from_pretrained` source) with ``--layer``; corpora are text files (one
+text per line), json/jsonl/csv/parquet files or saved datasets, with ``--text-column``.
+"""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+
+
+def _model_and_sae(args: argparse.Namespace):
+    from .loading import load_model, load_sae
+
+    model, tokenizer = load_model(args.model)
+    sae = load_sae(args.sae, args.layer, k=args.k, model=model)
+    return model, tokenizer, sae
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -12,13 +25,103 @@ def _demo(args: argparse.Namespace) -> None:
     tiny_demo(args.prompt, layer=args.layer)
 
 
+def _discover(args: argparse.Namespace) -> None:
+    from .discovery import activation_stats, common_tokens, contrast_features, format_contrast
+    from .loading import load_texts
+
+    model, tokenizer, sae = _model_and_sae(args)
+    corpus_a, corpus_b = (load_texts(path, args.text_column) for path in (args.a, args.b))
+    excluded = (common_tokens(tokenizer, corpus_a[args.text_column], corpus_b[args.text_column])
+                if args.drop_common else None)
+    options = dict(text_column=args.text_column, skip_first=not args.keep_first, exclude_tokens=excluded,
+                   batch_size=args.batch_size)
+    stats_a = activation_stats(model, tokenizer, sae, corpus_a, **options)
+    stats_b = activation_stats(model, tokenizer, sae, corpus_b, **options)
+    print(format_contrast(contrast_features(stats_a, stats_b, top=args.top, by=args.by)))
+
+
+def _steer(args: argparse.Namespace) -> None:
+    from .steering import SAELogitsProcessor, Steering
+
+    model, tokenizer, sae = _model_and_sae(args)
+    positions = args.positions if args.positions in ("all", "prompt", "generated") else \
+        [int(p) for p in args.positions.split(",")]
+    spec = Steering(sae, args.feature, args.strength, positions=positions, mode=args.mode)
+    inputs = tokenizer([args.prompt], return_tensors="pt").to(next(model.parameters()).device)
+    options = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
+    prompt_length = inputs["input_ids"].shape[1]
+    for name, extra in [("unsteered", {}), ("steered", {"logits_processor": [SAELogitsProcessor(model, spec)]})]:
+        out = model.generate(**inputs, **options, **extra)
+        print(f"--- {name}\n{tokenizer.decode(out[0, prompt_length:], skip_special_tokens=True)}")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from .discovery import activation_stats
+    from .hooks import layer_outputs
+    from .loading import load_texts
+    from .report import Report, token_activations
+
+    model, tokenizer, sae = _model_and_sae(args)
+    corpus = load_texts(args.texts, args.text_column)
+    stats = activation_stats(model, tokenizer, sae, corpus, text_column=args.text_column,
+                             batch_size=args.batch_size)[sae.layer]
+    features = args.features or stats.fire_count.argsort(descending=True)[:5].tolist()
+    shown = []
+    for text in corpus[args.text_column][: args.show]:
+        inputs = tokenizer(text, return_tensors="pt").to(next(model.parameters()).device)
+        hidden = layer_outputs(model, [sae.layer], **inputs)[sae.layer][0]
+        shown.append(token_activations(tokenizer, hidden, inputs["input_ids"][0], sae, features))
+    report = Report(f"qscope inspect: {args.model}, SAE {args.sae} layer {sae.layer}")
+    report.heatmap(features, shown, layer=sae.layer)
+    report.top_contexts(stats, features)
+    print(f"wrote {report.save(args.out)}")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny", help="'tiny', a hub id or a local model directory")
+    parser.add_argument("--sae", default="tiny", help="'tiny', a Qwen-Scope release id or a local SAE path")
+    parser.add_argument("--layer", type=int, default=1)
+    parser.add_argument("--k", type=int, default=None, help="TopK k, for a bare .sae.pt outside a release")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--batch-size", type=int, default=8)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qscope", description="Qwen-Scope sparse autoencoders for HF and TRL")
     commands = parser.add_subparsers(dest="command", required=True)
+
     demo = commands.add_parser("demo", help="encode a prompt with an SAE, offline")
     demo.add_argument("--prompt", default="Sparse autoencoders find features.")
     demo.add_argument("--layer", type=int, default=1)
     demo.set_defaults(run=_demo)
+
+    discover = commands.add_parser("discover", help="features that tell corpus A from corpus B")
+    _common(discover)
+    discover.add_argument("--a", required=True, help="corpus A (texts to steer towards)")
+    discover.add_argument("--b", required=True, help="corpus B")
+    discover.add_argument("--top", type=int, default=10)
+    discover.add_argument("--by", choices=["rate", "mean"], default="rate")
+    discover.add_argument("--keep-first", action="store_true", help="count each text's first token too")
+    discover.add_argument("--drop-common", action="store_true", help="ignore tokens that occur in both corpora")
+    discover.set_defaults(run=_discover)
+
+    steer = commands.add_parser("steer", help="generate with and without steering a feature")
+    _common(steer)
+    steer.add_argument("--prompt", required=True)
+    steer.add_argument("--feature", type=int, nargs="+", required=True)
+    steer.add_argument("--strength", type=float, nargs="+", required=True)
+    steer.add_argument("--positions", default="all", help="all, prompt, generated, or comma-separated indices")
+    steer.add_argument("--mode", choices=["add", "clamp", "gated"], default="add")
+    steer.add_argument("--max-new-tokens", type=int, default=40)
+    steer.set_defaults(run=_steer)
+
+    inspect = commands.add_parser("inspect", help="HTML report: per-token heatmaps and top contexts")
+    _common(inspect)
+    inspect.add_argument("--texts", required=True, help="the corpus to inspect")
+    inspect.add_argument("--features", type=int, nargs="*", help="default: the 5 most frequent")
+    inspect.add_argument("--show", type=int, default=5, help="texts shown as heatmaps")
+    inspect.add_argument("--out", default="qscope_report.html")
+    inspect.set_defaults(run=_inspect)
     return parser
 
 

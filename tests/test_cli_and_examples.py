@@ -33,3 +33,9 @@ def run_example(name: str) -> str:
 def test_quickstart_example():
     out = run_example("quickstart.py")
     assert "features of the last token" in out and "relative reconstruction error" in out
+
+
+@pytest.mark.slow
+def test_steer_generate_example():
+    out = run_example("steer_generate.py")
+    assert "| layer | feature |" in out and "unsteered:" in out and "steered:" in out

@@ -1,0 +1,91 @@
+"""Generation throughput with SAE steering ÷ without, measured in one run.
+
+    python benchmarks/bench_steering.py [--device cpu|cuda] [--out results.json]
+
+Models: the tiny Qwen3 of the tests and a 135M-parameter Llama built from SmolLM2-135M's configuration (random
+weights: throughput does not depend on them). Greedy decoding, KV cache, batch 1 and 4. Runs of the three modes
+alternate, so drift in machine speed hits all of them alike; the median tokens/s of each is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qscope_hf import SAELogitsProcessor, Steering
+from qscope_hf.tiny import tiny_model, tiny_sae
+
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True)
+
+
+def models(device: str):
+    yield "tiny Qwen3 (4 layers, d=64)", tiny_model("qwen3").to(device), tiny_sae(64, 256, 8, layer=2)
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).eval().to(device)
+    yield "Llama 135M (SmolLM2-135M config)", llama, tiny_sae(576, 9216, 32, layer=15)
+
+
+def tokens_per_second(model, input_ids, new_tokens: int, processors) -> float:
+    if input_ids.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                   min_new_tokens=new_tokens, do_sample=False, logits_processor=processors)
+    if input_ids.device.type == "cuda":
+        torch.cuda.synchronize()
+    return input_ids.shape[0] * new_tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    rows = []
+    for name, model, sae in models(args.device):
+        sae = sae.to(args.device)
+        vocab = model.config.vocab_size
+        for batch in (1, 4):
+            input_ids = torch.randint(0, vocab, (batch, 32), generator=torch.Generator().manual_seed(batch))
+            input_ids = input_ids.to(args.device)
+            modes = {"none": [],
+                     "add": [SAELogitsProcessor(model, Steering(sae, [1, 2], [4.0, -4.0]))],
+                     "gated": [SAELogitsProcessor(model, Steering(sae, 1, -4.0, mode="gated"))]}
+            for processors in modes.values():  # warm-up
+                tokens_per_second(model, input_ids, 8, processors)
+            speeds = {mode: [] for mode in modes}
+            for _ in range(args.repeats):
+                for mode, processors in modes.items():
+                    speeds[mode].append(tokens_per_second(model, input_ids, args.new_tokens, processors))
+            median = {mode: statistics.median(v) for mode, v in speeds.items()}
+            row = {"model": name, "batch": batch, **{f"{m}_tok_s": v for m, v in median.items()},
+                   "add_ratio": median["add"] / median["none"], "gated_ratio": median["gated"] / median["none"]}
+            rows.append(row)
+            print(f"{name}, batch {batch}: " + ", ".join(f"{m} {v:.1f} tok/s" for m, v in median.items())
+                  + f" | add {row['add_ratio']:.3f}, gated {row['gated_ratio']:.3f}", flush=True)
+    machine = (torch.cuda.get_device_name() if args.device == "cuda"
+               else f"{platform.machine()}, {torch.get_num_threads()} threads")
+    print("\n| model | batch | no steering tok/s | add tok/s | gated tok/s | add ÷ none | gated ÷ none |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['batch']} | {r['none_tok_s']:.1f} | {r['add_tok_s']:.1f} | "
+              f"{r['gated_tok_s']:.1f} | {r['add_ratio']:.3f} | {r['gated_ratio']:.3f} |")
+    if args.out:
+        args.out.write_text(json.dumps({"machine": machine, "date": datetime.date.today().isoformat(),
+                                        "command": " ".join(sys.argv), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Loading what the command line and the examples name: models, SAEs and text corpora on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from torch import nn
+
+from .sae import SparseAutoencoder
+from .tiny import tiny_model, tiny_sae, tiny_tokenizer
+
+TINY = "tiny"
+_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_model(name: str, *, dtype: torch.dtype | None = None, device: str | None = None) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)``: ``"tiny"`` builds the tiny random Qwen3 offline; anything else goes to
+    ``AutoModelForCausalLM.from_pretrained`` (a hub id or a local directory)."""
+    if name == TINY:
+        return tiny_model("qwen3"), tiny_tokenizer()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", device_map=device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model.eval(), tokenizer
+
+
+def load_sae(source: str, layer: int, *, k: int | None = None, model: nn.Module | None = None) -> SparseAutoencoder:
+    """An SAE for ``layer``: ``"tiny"`` makes a tiny random one sized for ``model``; anything else is a
+    :meth:`SparseAutoencoder.from_pretrained` source. Cast to the model's dtype and device when given."""
+    if source == TINY:
+        width = model.config.get_text_config().hidden_size if model is not None else 64
+        sae = tiny_sae(d_model=width, d_sae=4 * width, k=k or 8, layer=layer)
+    else:
+        sae = SparseAutoencoder.from_pretrained(source, layer=layer, k=k)
+    if model is not None:
+        parameter = next(model.parameters())
+        sae = sae.to(device=parameter.device, dtype=parameter.dtype)
+    return sae
+
+
+def load_texts(path: str | Path, text_column: str = "text") -> datasets.Dataset:
+    """A corpus on disk as a ``datasets.Dataset`` with ``text_column``: a ``.txt`` file (one text per line), a
+    ``.json``/``.jsonl``/``.csv``/``.parquet`` file, or a directory saved by ``Dataset.save_to_disk``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no corpus at {path}")
+    if path.is_dir():
+        data = datasets.load_from_disk(str(path))
+    elif path.suffix == ".txt":
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        data = datasets.Dataset.from_dict({text_column: lines})
+    elif path.suffix in _FORMATS:
+        data = datasets.load_dataset(_FORMATS[path.suffix], data_files=str(path), split="train")
+    else:
+        raise ValueError(f"unsupported corpus file {path.name}: use .txt, .json, .jsonl, .csv, .parquet or a "
+                         "saved dataset directory")
+    if text_column not in data.column_names:
+        raise KeyError(f"{path}: no text column {text_column!r} (columns: {data.column_names})")
+    if not len(data):
+        raise ValueError(f"{path}: the corpus is empty")
+    return data

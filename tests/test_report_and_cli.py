@@ -1,0 +1,91 @@
+"""qscope discover / steer / inspect on the tiny model; the HTML report is checked structurally (and rendered in
+headless Chromium when it is installed)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import pytest
+
+from qscope_hf.cli import main
+
+TEXTS_A = ["1 2 3 4 5 6", "42 is 6 times 7", "3.14159 2.71828", "100 200 300"]
+TEXTS_B = ["the cat sat on the mat", "hello there friend", "a quiet morning walk", "blue sky above"]
+
+
+class Structure(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.title, self.in_title = "", False
+        self.heatmaps, self.tokens, self.tables = 0, 0, []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.in_title = tag == "title"
+        if tag == "div" and attrs.get("class") == "text":
+            self.heatmaps += 1
+        if tag == "span" and attrs.get("class") == "tok":
+            self.tokens += 1
+            assert "background: rgba(255, 120, 0," in attrs["style"]
+        if tag == "table":
+            self.tables.append(int(attrs["data-feature"]))
+
+    def handle_data(self, data):
+        if self.in_title:
+            self.title += data
+
+
+@pytest.fixture
+def corpora(tmp_path):
+    (tmp_path / "a.txt").write_text("\n".join(TEXTS_A))
+    (tmp_path / "b.txt").write_text("\n".join(TEXTS_B))
+    return tmp_path
+
+
+def test_inspect_writes_a_self_contained_report(corpora, tokenizer):
+    out = corpora / "report.html"
+    main(["inspect", "--texts", str(corpora / "a.txt"), "--features", "3", "17", "--show", "2", "--out", str(out)])
+    page = out.read_text()
+    structure = Structure()
+    structure.feed(page)
+    assert structure.title.startswith("qscope inspect: tiny")
+    assert structure.heatmaps == 2 * 2  # features x texts shown
+    n_tokens = sum(len(tokenizer(text)["input_ids"]) for text in TEXTS_A[:2])
+    assert structure.tokens == 2 * n_tokens
+    assert structure.tables == [3, 17]
+    assert "http" not in page  # nothing to fetch: styles inline
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium is not installed")
+def test_report_renders_in_headless_chromium(corpora):
+    out = corpora / "report.html"
+    main(["inspect", "--texts", str(corpora / "b.txt"), "--out", str(out)])
+    shot = corpora / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    f"--user-data-dir={corpora / 'profile'}", f"--screenshot={shot}", "--window-size=1000,800",
+                    out.as_uri()], check=True, capture_output=True, timeout=120)
+    assert shot.stat().st_size > 5000
+
+
+def test_discover_prints_the_contrast_table(corpora, capsys):
+    main(["discover", "--a", str(corpora / "a.txt"), "--b", str(corpora / "b.txt"), "--top", "4"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| layer | feature | rate A | rate B |")
+    assert len(lines) == 2 + 4
+    assert all(line.startswith("| 1 |") for line in lines[2:])
+
+
+def test_steer_prints_both_generations(capsys):
+    main(["steer", "--prompt", "Hello", "--feature", "5", "--strength", "40", "--max-new-tokens", "8"])
+    out = capsys.readouterr().out
+    assert out.index("--- unsteered") < out.index("--- steered")
+
+
+def test_corpus_errors(corpora):
+    with pytest.raises(FileNotFoundError, match="no corpus at"):
+        main(["inspect", "--texts", str(corpora / "missing.txt")])
+    (corpora / "c.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(KeyError, match="no text column 'text'"):
+        main(["inspect", "--texts", str(corpora / "c.jsonl")])
