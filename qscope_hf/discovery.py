@@ -283,3 +283,104 @@ def format_contrast(rows: Sequence[ContrastRow]) -> str:
         lines.append(f"| {r.layer} | {r.feature} | {r.rate_a:.3f} | {r.rate_b:.3f} | {r.rate_diff:+.3f} | "
                      f"{r.mean_a:.3f} | {r.mean_b:.3f} | {strengths} |")
     return "\n".join(lines)
+
+
+def _language_subsets(data: datasets.Dataset, language_column: str) -> dict[str, datasets.Dataset]:
+    if language_column not in data.column_names:
+        raise KeyError(f"language column {language_column!r} not in the dataset (columns: {data.column_names})")
+    languages = sorted(set(data[language_column]))
+    if len(languages) < 2:
+        raise ValueError(f"need texts in at least two languages, got {languages}")
+    return {lang: data.filter(lambda row, lang=lang: row[language_column] == lang) for lang in languages}
+
+
+def language_features(model: nn.Module, tokenizer: Any, saes: SparseAutoencoder | Iterable[SparseAutoencoder],
+                      data: datasets.Dataset, *, language_column: str = "language", text_column: str = "text",
+                      top: int = 20, **stats_options: Any) -> dict[int, dict[str, list[int]]]:
+    """Per layer and language L, the ``top`` features by monolinguality: mean activation on L minus the mean of
+    their mean activations on the other languages (METHODS.md §7). Streams over ``data`` once."""
+    subsets = _language_subsets(data, language_column)
+    stats_options.setdefault("progress", False)
+    means = {lang: activation_stats(model, tokenizer, saes, subset, text_column=text_column, **stats_options)
+             for lang, subset in subsets.items()}
+    result: dict[int, dict[str, list[int]]] = {}
+    for layer in next(iter(means.values())):
+        table = torch.stack([means[lang][layer].mean for lang in subsets])  # [languages, d_sae]
+        for row, lang in enumerate(subsets):
+            others = torch.cat([table[:row], table[row + 1:]]).mean(0)
+            score = table[row] - others
+            result.setdefault(layer, {})[lang] = score.argsort(descending=True, stable=True)[:top].tolist()
+    return result
+
+
+@torch.no_grad()
+def estimate_language_baselines(model: nn.Module, tokenizer: Any, saes: SparseAutoencoder | Iterable[SparseAutoencoder],
+                                features: dict[int, Iterable[int]], data: datasets.Dataset, *,
+                                language_column: str = "language", text_column: str = "text", batch_size: int = 8,
+                                max_length: int = 256, progress: bool = True) -> dict[int, dict[str, dict[int, float]]]:
+    """α per layer, language and feature: the mean pre-activation ``f_s(x)`` of each feature in ``features[layer]``
+    over the tokens (first token of each text skipped) of that language's texts — the baseline of the SASFT loss."""
+    saes = {sae.layer: sae for sae in ([saes] if isinstance(saes, SparseAutoencoder) else saes)}
+    for layer in features:
+        if layer not in saes:
+            raise ValueError(f"no SAE given for layer {layer} (SAEs for layers {sorted(saes)})")
+        check_sae_fits(model, saes[layer])
+    index = {layer: saes[layer].feature_index(sorted(set(fs))) for layer, fs in features.items()}
+    dataset = _as_dataset(data, text_column)
+    if language_column not in dataset.column_names:
+        raise KeyError(f"language column {language_column!r} not in the dataset (columns: {dataset.column_names})")
+    sums: dict[tuple[int, str], Tensor] = {}
+    counts: dict[str, int] = {}
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(dataset), desc="language baselines", unit="text", disable=not progress)
+    with capture_layers(model, list(features)) as captured:
+        for _, batch in _batches(dataset, batch_size):
+            inputs = tokenizer(batch[text_column], return_tensors="pt", padding=True, truncation=True,
+                               max_length=max_length).to(device)
+            model(**inputs)
+            real = inputs["attention_mask"].bool()
+            valid = real & (real.long().cumsum(1) > 1)
+            for row, lang in enumerate(batch[language_column]):
+                counts[lang] = counts.get(lang, 0) + int(valid[row].sum())
+                for layer, sae in ((layer, saes[layer]) for layer in features):
+                    pre = sae.pre_acts(captured[layer][row][valid[row]].to(sae.device, sae.dtype), index[layer])
+                    key = (layer, lang)
+                    sums[key] = sums.get(key, 0) + pre.double().sum(0).cpu()
+            bar.update(len(batch[text_column]))
+    bar.close()
+    return {layer: {lang: dict(zip(index[layer].tolist(), (sums[(layer, lang)] / max(counts[lang], 1)).tolist()))
+                    for lang in sorted(counts)} for layer in features}
+
+
+@torch.no_grad()
+def repetition_features(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, texts: Sequence[str], *,
+                        top: int = 20, max_length: int = 512) -> list[tuple[int, float]]:
+    """Features whose activation rises most from a repeated token's first occurrence to its last (METHODS.md §8).
+
+    ``texts`` should be degenerate, repetitive outputs. For every token id that occurs at least twice in a text,
+    the change of each feature's activation between its first and last occurrence is averaged over all such
+    (text, token) pairs; returns ``[(feature, mean rise)]`` for the ``top`` largest rises.
+    """
+    layer = check_sae_fits(model, sae)
+    total, pairs = torch.zeros(sae.d_sae, dtype=torch.float64), 0
+    device = next(model.parameters()).device
+    for text in texts:
+        inputs = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length).to(device)
+        with capture_layers(model, [layer]) as captured:
+            model(**inputs)
+        codes = sae.encode(captured[layer][0].to(sae.device, sae.dtype)).double().cpu()  # [T, d_sae]
+        ids = inputs["input_ids"][0].tolist()
+        first: dict[int, int] = {}
+        last: dict[int, int] = {}
+        for position, token in enumerate(ids):
+            first.setdefault(token, position)
+            last[token] = position
+        for token, start in first.items():
+            if last[token] > start:
+                total += codes[last[token]] - codes[start]
+                pairs += 1
+    if not pairs:
+        raise ValueError("no token repeats in the given texts: pass degenerate, repetitive outputs")
+    rise = total / pairs
+    order = rise.argsort(descending=True, stable=True)[:top]
+    return [(int(f), float(rise[f])) for f in order]

@@ -105,7 +105,8 @@ class Steering:
         return self._prepared[key]
 
 
-def _as_list(steerings: Steering | Sequence[Steering] | None) -> list[Steering]:
+def steering_list(steerings: Steering | Sequence[Steering] | None) -> list[Steering]:
+    """``None``, one spec or a sequence of specs, as a list (anything else raises)."""
     if steerings is None:
         return []
     items = [steerings] if isinstance(steerings, Steering) else list(steerings)
@@ -279,7 +280,7 @@ class SteeringSession:
                 raise ValueError(f"{len(rows)} per-row steering specs for a batch of {prompt.batch} prompts")
             by_spec: dict[int, tuple[Steering, Tensor]] = {}
             for row, row_specs in enumerate(rows):
-                for spec in _as_list(row_specs):
+                for spec in steering_list(row_specs):
                     by_spec.setdefault(id(spec), (spec, torch.zeros(prompt.batch, dtype=torch.bool)))[1][row] = True
             for spec, mask in by_spec.values():
                 entries.setdefault(spec.layer, []).append(self._entry(spec, mask))
@@ -350,9 +351,9 @@ class SAELogitsProcessor(LogitsProcessor):
 
     def __init__(self, model: nn.Module, steerings: Steering | Sequence[Steering] | None = None, *,
                  rows: RowSpecs | None = None, trace: Sequence[tuple[SparseAutoencoder, Sequence[int]]] = ()) -> None:
-        self.steerings, self.rows = _as_list(steerings), rows
+        self.steerings, self.rows = steering_list(steerings), rows
         self.trace_specs = list(trace)
-        for spec in self.steerings + [s for row in rows or [] for s in _as_list(row)]:
+        for spec in self.steerings + [s for row in rows or [] for s in steering_list(row)]:
             check_sae_fits(model, spec.sae, spec.layer)
         self.traces: list[FeatureTrace] = []
         enable_steering(model)
@@ -418,5 +419,5 @@ def steering(model: nn.Module, steerings: Steering | Sequence[Steering] | None =
         prompt = _Prompt(batch, None, None)
     else:
         prompt = _Prompt(attention_mask.shape[0], attention_mask.bool().cpu(), None)
-    with SteeringSession(model, _as_list(steerings), rows, prompt) as session:
+    with SteeringSession(model, steering_list(steerings), rows, prompt) as session:
         yield session

@@ -1,3 +1,29 @@
-"""qscope_trl: thin adapters that bring qscope_hf's SAEs into TRL trainers (callbacks, rewards, losses, rollouts)."""
+"""qscope_trl: thin adapters that bring qscope_hf's SAEs into TRL trainers.
 
-__all__: list[str] = []
+- :class:`SAEFeatureMonitorCallback`: log feature firing on completion tokens during any trainer's run;
+- :class:`SAEFeaturePenalty` + :func:`add_sae_penalty`: the SASFT auxiliary loss for ``SFTTrainer`` (and the same
+  penalty for ``GRPOTrainer``);
+- :class:`SAEFeatureReward` (+ presets): SAE-feature rewards for ``GRPOTrainer``;
+- :class:`SteeredNegativeRollouts`: one SAE-steered negative rollout per GRPO group (paper §8).
+"""
+
+from qscope_hf.discovery import estimate_language_baselines, language_features, repetition_features
+
+from .callbacks import SAEFeatureMonitorCallback
+from .losses import SAEFeaturePenalty, SAEPenaltyMixin, add_sae_penalty
+from .rewards import SAEFeatureReward, code_switching_reward, repetition_reward
+from .rollouts import SteeredNegativeRollouts
+
+__all__ = [
+    "SAEFeatureMonitorCallback",
+    "SAEFeaturePenalty",
+    "SAEFeatureReward",
+    "SAEPenaltyMixin",
+    "SteeredNegativeRollouts",
+    "add_sae_penalty",
+    "code_switching_reward",
+    "estimate_language_baselines",
+    "language_features",
+    "repetition_features",
+    "repetition_reward",
+]

@@ -65,3 +65,14 @@ def make_hub_cache(root: Path, repo_id: str, files: dict[str, Path]) -> Path:
     for name, source in files.items():
         (snapshot / name).write_bytes(source.read_bytes())
     return root
+
+
+def qscope_hooks(model) -> list:
+    """Hooks that qscope left on ``model`` or its decoder layers (transformers installs hooks of its own, e.g. to
+    capture ``output_hidden_states``; those are not counted)."""
+    from qscope_hf import decoder_layers, unwrap_model
+
+    modules = [unwrap_model(model), *decoder_layers(model)]
+    hooks = [fn for module in modules for registry in (module._forward_hooks, module._forward_pre_hooks)
+             for fn in registry.values()]
+    return [fn for fn in hooks if getattr(fn, "__module__", "").startswith(("qscope_hf", "qscope_trl"))]

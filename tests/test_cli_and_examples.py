@@ -39,3 +39,14 @@ def test_quickstart_example():
 def test_steer_generate_example():
     out = run_example("steer_generate.py")
     assert "| layer | feature |" in out and "unsteered:" in out and "steered:" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, expected", [
+    ("sft_monitor_callback.py", "of completion tokens"),
+    ("lora_sasft.py", "Chinese features per layer"),
+    ("grpo_sae_reward.py", "SAE reward"),
+    ("grpo_steered_negatives.py", "steered rows: [0, 4]"),
+])
+def test_trl_examples(name, expected):
+    assert expected in run_example(name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import qscope_hooks
 from peft import LoraConfig, get_peft_model
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -33,7 +34,7 @@ def sae():
 
 
 def no_hooks(model) -> bool:
-    return all(not layer._forward_hooks for layer in decoder_layers(model))
+    return not qscope_hooks(model)
 
 
 class HandHook:

@@ -1,0 +1,115 @@
+"""SAE-feature rewards for ``GRPOTrainer``: score each completion by feature activity of the current policy.
+
+A reward is a callable with TRL's signature ``(prompts, completions, completion_ids, **kwargs) -> list[float]`` and a
+readable ``__name__`` for TRL's logs. It runs the policy (the same model object the trainer trains; PEFT adapters
+are injected in place, so they are included) without gradients on prompt + completion, reads the SAE's layer, and
+reduces the chosen features' activations ``ReLU(f_s(x))`` over the completion tokens:
+
+- ``"fraction"``: minus the fraction of completion tokens where any chosen feature exceeds ``threshold``;
+- ``"max"``: minus the largest activation; ``"mean"``: minus the mean activation (over tokens and features).
+
+Prompts are tokenized the way ``GRPOTrainer`` does (the chat template with a generation prompt for
+conversational prompts, the plain tokenizer otherwise). Completions are scored in batches of ``batch_size``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from qscope_hf import ops
+from qscope_hf.hooks import capture_layers, check_sae_fits, unwrap_model
+from qscope_hf.sae import SparseAutoencoder
+
+REDUCTIONS = ("fraction", "max", "mean")
+
+
+def tokenize_prompts(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
+    """Token ids of GRPO prompts, as ``GRPOTrainer`` builds them for generation."""
+    if prompts and isinstance(prompts[0], list):  # conversational
+        return [tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"] for prompt in prompts]
+    return tokenizer(text=list(prompts))["input_ids"]
+
+
+class SAEFeatureReward:
+    """Reward = −``weight`` × (activity of ``features`` of ``sae`` on each completion), see the module docstring."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, features: Sequence[int], *,
+                 reduce: str = "fraction", threshold: float = 0.0, weight: float = 1.0, batch_size: int = 16,
+                 name: str | None = None) -> None:
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"unknown reduction {reduce!r}; choose one of {REDUCTIONS}")
+        self.layer = check_sae_fits(model, sae)
+        self.model, self.tokenizer, self.sae = model, tokenizer, sae
+        index = sae.feature_index(list(features))
+        with torch.no_grad():
+            self.rows, self.bias = sae.W_enc[index].detach().clone(), sae.b_enc[index].detach().clone()
+        self.features = index.tolist()
+        self.reduce, self.threshold, self.weight, self.batch_size = reduce, threshold, weight, batch_size
+        self.__name__ = name or f"sae_L{self.layer}_{reduce}"
+
+    @torch.no_grad()
+    def activity(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> list[float]:
+        """The (unsigned) activity of each completion given its prompt."""
+        inner = unwrap_model(self.model)
+        device = next(inner.parameters()).device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        scores: list[float] = []
+        was_training = inner.training
+        inner.eval()
+        try:
+            for start in range(0, len(completion_ids), self.batch_size):
+                prompts = prompt_ids[start:start + self.batch_size]
+                completions = completion_ids[start:start + self.batch_size]
+                sequences = [list(p) + list(c) for p, c in zip(prompts, completions)]
+                length = max(len(s) for s in sequences)
+                ids = torch.full((len(sequences), length), pad, dtype=torch.long)
+                real = torch.zeros(len(sequences), length, dtype=torch.bool)
+                scored = torch.zeros_like(real)
+                for row, (prompt, sequence) in enumerate(zip(prompts, sequences)):
+                    ids[row, :len(sequence)] = torch.tensor(sequence)
+                    real[row, :len(sequence)] = True
+                    scored[row, len(prompt):len(sequence)] = True
+                with capture_layers(inner, [self.layer]) as captured:
+                    inner(input_ids=ids.to(device), attention_mask=real.long().to(device))
+                hidden = captured[self.layer]
+                acts = ops.feature_pre_acts(hidden, self.rows.to(device, hidden.dtype),
+                                            self.bias.to(device, hidden.dtype)).float().relu().cpu()
+                scores += [self._reduce(acts[row][scored[row]]) for row in range(len(sequences))]
+        finally:
+            inner.train(was_training)
+        return scores
+
+    def _reduce(self, acts: torch.Tensor) -> float:
+        """``acts [completion tokens, features]`` -> one number (0 for an empty completion)."""
+        if acts.numel() == 0:
+            return 0.0
+        if self.reduce == "fraction":
+            return float((acts > self.threshold).any(-1).float().mean())
+        return float(acts.max() if self.reduce == "max" else acts.mean())
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]],
+                 **kwargs: Any) -> list[float]:
+        activity = self.activity(tokenize_prompts(self.tokenizer, prompts), completion_ids)
+        return [-self.weight * value for value in activity]
+
+
+def code_switching_reward(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, features: Sequence[int],
+                          **options: Any) -> SAEFeatureReward:
+    """Penalise the share of completion tokens on which wrong-language features fire (``__name__``
+    ``sae_code_switching``)."""
+    options.setdefault("name", "sae_code_switching")
+    return SAEFeatureReward(model, tokenizer, sae, features, reduce="fraction", **options)
+
+
+def repetition_reward(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, features: Sequence[int],
+                      **options: Any) -> SAEFeatureReward:
+    """Penalise the mean activation of repetition features (from :func:`qscope_hf.discovery.repetition_features`)
+    over the completion (``__name__`` ``sae_repetition``). METHODS §8 warns they also fire on benign repetition:
+    the steered-negative rollout of :mod:`qscope_trl.rollouts` is the paper's method, this is the baseline."""
+    options.setdefault("name", "sae_repetition")
+    return SAEFeatureReward(model, tokenizer, sae, features, reduce="mean", **options)

@@ -1,0 +1,85 @@
+"""Paper §8: one SAE-steered negative rollout per GRPO group, as a ``rollout_func`` for ``GRPOTrainer``.
+
+``GRPOTrainer(..., rollout_func=SteeredNegativeRollouts(Steering(sae, repetition_feature, 8.0)))`` generates every
+group of ``num_generations`` completions in one ``generate`` call where the first ``count`` rows of each group are
+steered (per-row steering of :class:`qscope_hf.SAELogitsProcessor`) and the others are not. The task reward is
+unchanged: the steered (e.g. repetitive) rollout earns a low reward and so a negative advantage.
+
+Log-probabilities: the rollout returns none (``logprobs=None``), so the loss uses the log-probabilities that
+``GRPOTrainer`` computes with the *unsteered* policy on all tokens, steered ones included; the steering hooks exist
+only inside the ``generate`` call. A boolean ``steered`` column reaches the reward functions as a keyword argument.
+
+``GRPOTrainer`` passes the rollout function each process's prompts with every prompt repeated ``num_generations``
+times in a row (checked here); it runs on the transformers generation path, not on vLLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from trl.models import unwrap_model_for_generation
+
+from qscope_hf.steering import SAELogitsProcessor, Steering, steering_list
+
+from .rewards import tokenize_prompts
+
+
+class SteeredNegativeRollouts:
+    """A ``rollout_func`` that steers ``count`` rollouts of every group with ``steering``.
+
+    ``probability`` (optional) steers a group's ``count`` rollouts only with that probability (seeded by ``seed``).
+    """
+
+    def __init__(self, steering: Steering | Sequence[Steering], *, count: int = 1, probability: float | None = None,
+                 seed: int = 0) -> None:
+        self.steerings = steering_list(steering)
+        if not self.steerings:
+            raise ValueError("SteeredNegativeRollouts needs at least one Steering spec")
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        if probability is not None and not 0.0 <= probability <= 1.0:
+            raise ValueError(f"probability must be in [0, 1], got {probability}")
+        self.count, self.probability = count, probability
+        self.generator = torch.Generator().manual_seed(seed)
+        self.__name__ = "steered_negative_rollouts"
+
+    def steered_rows(self, n_rows: int, group: int) -> list[bool]:
+        """Which rows of a batch of ``n_rows`` (groups of ``group`` consecutive rows) are steered."""
+        if self.count > group:
+            raise ValueError(f"count={self.count} steered rollouts do not fit groups of {group}")
+        flags = []
+        for _ in range(n_rows // group):
+            on = self.probability is None or float(torch.rand((), generator=self.generator)) < self.probability
+            flags += [on and i < self.count for i in range(group)]
+        return flags
+
+    def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, Any]:
+        group = trainer.num_generations if trainer.model.training else trainer.num_generations_eval
+        if len(prompts) % group:
+            raise ValueError(f"{len(prompts)} prompts do not split into groups of {group}")
+        for i, prompt in enumerate(prompts):
+            if prompt != prompts[i - i % group]:
+                raise ValueError(f"prompt {i} differs from the first of its group: GRPOTrainer is expected to pass "
+                                 f"each prompt {group} times in a row")
+        tokenizer = getattr(trainer, "_tokenizer", None) or trainer.processing_class
+        prompt_ids = tokenize_prompts(tokenizer, prompts)
+        flags = self.steered_rows(len(prompts), group)
+        device = trainer.accelerator.device
+        length = max(len(ids) for ids in prompt_ids)
+        input_ids = torch.full((len(prompt_ids), length), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(prompt_ids):
+            input_ids[row, length - len(ids):] = torch.tensor(ids)
+            attention_mask[row, length - len(ids):] = 1
+        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model, torch.no_grad():
+            processor = SAELogitsProcessor(model, rows=[self.steerings if on else None for on in flags])
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                    generation_config=trainer.generation_config, logits_processor=[processor])
+        completion_ids = []
+        eos = set(trainer.eos_token_ids)
+        for row in output[:, length:].tolist():
+            end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
+            completion_ids.append(row[:end])
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None, "steered": flags}

@@ -1,0 +1,313 @@
+"""TRL adapters on real trainers (SFTTrainer, GRPOTrainer, PEFT LoRA) with the tiny model, against hand references."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import qscope_hooks
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+
+from qscope_hf import Steering, decoder_layers
+from qscope_hf.tiny import tiny_model, tiny_sae, tiny_tokenizer
+from qscope_trl import (
+    SAEFeatureMonitorCallback,
+    SAEFeaturePenalty,
+    SAEFeatureReward,
+    SteeredNegativeRollouts,
+    add_sae_penalty,
+    code_switching_reward,
+)
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+LAYER = 1
+SFT_DATA = {"prompt": ["Say hi: ", "Count: ", "Name a colour: ", "Greet: "],
+            "completion": ["hello there", "one two three", "blue", "good morning"],
+            "language": ["en", "en", "zh", "en"]}
+
+
+@pytest.fixture(scope="module")
+def sae():
+    return tiny_sae(64, 256, 8, layer=LAYER, seed=5)
+
+
+def sft_trainer(tmp_path, model=None, *, callbacks=(), peft=True, lr=1e-2, steps=1, **config):
+    model = model or tiny_model("qwen3")
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=steps, learning_rate=lr,
+                     use_cpu=True, bf16=False, report_to="none", logging_steps=1, save_strategy="no", seed=0,
+                     lr_scheduler_type="constant", **config)
+    peft_config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if peft else None
+    return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(SFT_DATA),
+                      processing_class=tiny_tokenizer(), peft_config=peft_config, callbacks=list(callbacks))
+
+
+def hand_sft_acts(model, tokenizer, sae, features):
+    """ReLU(f_s(x)) on the completion tokens of each SFT sample, from output_hidden_states (layer 1 < last)."""
+    rows, bias = sae.W_enc[features].detach(), sae.b_enc[features].detach()
+    acts = []
+    with torch.no_grad():
+        for prompt, completion in zip(SFT_DATA["prompt"], SFT_DATA["completion"]):
+            prompt_ids = tokenizer(prompt)["input_ids"]
+            ids = tokenizer(prompt + completion + tokenizer.eos_token)["input_ids"]
+            hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[LAYER + 1][0]
+            acts.append((hidden[len(prompt_ids):] @ rows.T + bias).relu())
+    return acts
+
+
+def test_monitor_callback_logs_rates_of_the_training_forward(tmp_path, sae):
+    features = [3, 9, 100]
+    model = tiny_model("qwen3")
+    callback = SAEFeatureMonitorCallback(sae, features, every=1, probe_texts=["hello", "blue sky"],
+                                         tokenizer=tiny_tokenizer())
+    trainer = sft_trainer(tmp_path, model, callbacks=[callback], lr=0.0)
+    forwards = []
+    handle = decoder_layers(trainer.model)[0].register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    logs = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    acts = torch.cat(hand_sft_acts(model, tiny_tokenizer(), sae, features))  # lr=0: weights as in the forward
+    for column, feature in enumerate(features):
+        assert logs[f"sae/L1/f{feature}/rate"] == pytest.approx(float((acts[:, column] > 0).float().mean()), abs=1e-6)
+        assert logs[f"sae/L1/f{feature}/mean"] == pytest.approx(float(acts[:, column].mean()), rel=1e-4, abs=1e-6)
+        assert f"sae_probe/L1/f{feature}/rate" in logs
+    plain = sft_trainer(tmp_path, tiny_model("qwen3"), lr=0.0)
+    plain_forwards = []
+    handle = decoder_layers(plain.model)[0].register_forward_hook(lambda *a: plain_forwards.append(1))
+    try:
+        plain.train()
+    finally:
+        handle.remove()
+    assert len(forwards) == len(plain_forwards) + 1  # + the one probe forward, no other extra forward
+    assert not qscope_hooks(trainer.model)
+
+
+def penalty_for(sae, **options):
+    options.setdefault("baselines", {LAYER: {"en": {3: 0.05, 9: -0.02, 100: 0.1},
+                                             "zh": {3: 0.01, 9: 0.02, 100: 0.0}}})
+    return SAEFeaturePenalty(sae, {"zh": [3, 9], "en": [100]}, lam=0.5, **options)
+
+
+def test_sasft_loss_equals_the_hand_formula(tmp_path, sae):
+    penalty = penalty_for(sae)
+    trainer = add_sae_penalty(sft_trainer(tmp_path), penalty)
+    plain = sft_trainer(tmp_path)
+    batch = next(iter(trainer.get_train_dataloader()))
+    plain_batch = {k: v for k, v in batch.items() if k != "sae_language"}
+    with torch.no_grad():
+        with_penalty = trainer.compute_loss(trainer.model, dict(batch))
+        without = plain.compute_loss(trainer.model, dict(plain_batch))
+        hidden = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               output_hidden_states=True).hidden_states[LAYER + 1]
+    tokens = batch["labels"] != -100
+    alpha = penalty.baselines[LAYER]
+    total, count = 0.0, 0
+    for row, lang in enumerate(batch["sae_language"].tolist()):
+        lang = penalty.languages[lang]
+        penalised = [3, 9] if lang != "zh" else [100]  # features of the *other* language
+        for feature in penalised:
+            pre = hidden[row, tokens[row]] @ sae.W_enc[feature].detach() + sae.b_enc[feature].detach()
+            total += float((pre - alpha[lang][feature]).relu().sum())
+            count += int(tokens[row].sum())
+    assert float(with_penalty - without) == pytest.approx(0.5 * total / (count + 1), rel=1e-4)
+
+
+def test_sft_step_with_penalty_moves_only_lora_and_differently(tmp_path, sae):
+    torch.manual_seed(0)
+    plain = sft_trainer(tmp_path / "a")
+    torch.manual_seed(0)
+    penalised = add_sae_penalty(sft_trainer(tmp_path / "b"), penalty_for(sae, baselines=None))
+    assert all(torch.equal(p, dict(plain.model.named_parameters())[n]) for n, p in penalised.model.named_parameters())
+    base_before = {n: p.detach().clone() for n, p in penalised.model.named_parameters() if "lora" not in n}
+    plain.train()
+    penalised.train()
+    lora = {n: p for n, p in penalised.model.named_parameters() if "lora" in n}
+    plain_lora = dict(plain.model.named_parameters())
+    assert any(not torch.allclose(p, plain_lora[n]) for n, p in lora.items())
+    assert all(torch.equal(p, base_before[n]) for n, p in penalised.model.named_parameters() if "lora" not in n)
+    assert any(entry.get("sae_penalty", 0) > 0 for entry in penalised.state.log_history)
+
+
+def test_bad_penalty_configuration_fails_at_construction(tmp_path, sae):
+    with pytest.raises(IndexError, match="feature index 256 is out of range"):
+        SAEFeaturePenalty(sae, {"zh": [256]})
+    with pytest.raises(ValueError, match="lam=-1"):
+        SAEFeaturePenalty(sae, {"zh": [3]}, lam=-1)
+    with pytest.raises(ValueError, match="no baselines for language 'fr'"):
+        SAEFeaturePenalty(sae, {"zh": [3], "fr": [4]}, baselines={LAYER: {"zh": {3: 0.0, 4: 0.0}}})
+    wide = tiny_sae(32, 256, 8, layer=LAYER)
+    with pytest.raises(ValueError, match="SAE d_model=32 does not match"):
+        add_sae_penalty(sft_trainer(tmp_path), SAEFeaturePenalty(wide, {"zh": [3]}))
+    with pytest.raises(IndexError, match="layer 7 is out of range"):
+        add_sae_penalty(sft_trainer(tmp_path), SAEFeaturePenalty(tiny_sae(64, 256, 8, layer=7), {"zh": [3]}))
+    with pytest.raises(ValueError, match="no language column 'lang'"):
+        add_sae_penalty(sft_trainer(tmp_path), SAEFeaturePenalty(sae, {"zh": [3]}, language_column="lang"))
+    with pytest.raises(ValueError, match="unknown language 'en'"):
+        add_sae_penalty(sft_trainer(tmp_path), SAEFeaturePenalty(sae, {"zh": [3]}, baselines={LAYER: {"zh": {3: 0}}}))
+
+
+# -- GRPO ---------------------------------------------------------------------------------------------------------
+GRPO_PROMPTS = ["Hello", "The cat", "One two", "Red blue"]
+
+
+def grpo_trainer(tmp_path, reward_funcs, *, model=None, steps=1, peft=False, rollout_func=None, greedy=False,
+                 callbacks=(), lr=1e-2):
+    args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, num_generations=4,
+                      per_device_train_batch_size=8, max_completion_length=8, report_to=[], max_steps=steps,
+                      logging_steps=1, save_strategy="no", seed=0, learning_rate=lr,
+                      generation_kwargs={"do_sample": False} if greedy else None)
+    peft_config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if peft else None
+    data = Dataset.from_dict({"prompt": GRPO_PROMPTS, "language": ["en"] * 4})
+    return GRPOTrainer(model=model or tiny_model("qwen3"), reward_funcs=reward_funcs, args=args, train_dataset=data,
+                       processing_class=tiny_tokenizer(), peft_config=peft_config, rollout_func=rollout_func,
+                       callbacks=list(callbacks))
+
+
+def hand_reward(model, tokenizer, sae, features, prompt, completion_ids, reduce):
+    ids = tokenizer(prompt)["input_ids"] + list(completion_ids)
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[LAYER + 1][0]
+    acts = (hidden[len(ids) - len(completion_ids):] @ sae.W_enc[features].detach().T
+            + sae.b_enc[features].detach()).relu()
+    if reduce == "fraction":
+        return -float((acts > 0.1).any(-1).float().mean())
+    return -float(acts.max())
+
+
+@pytest.mark.parametrize("reduce", ["fraction", "max"])
+def test_reward_values_equal_hand_reference_under_peft(sae, reduce):
+    model = tiny_model("qwen3")
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    tokenizer = tiny_tokenizer()
+    reward = SAEFeatureReward(model, tokenizer, sae, [3, 9, 100], reduce=reduce, threshold=0.1, batch_size=2)
+    completions = [[104, 105, 256], [66, 67, 68, 69, 70], [65], [200, 201]]
+    got = reward(prompts=GRPO_PROMPTS, completions=["x"] * 4, completion_ids=completions)
+    expected = [hand_reward(peft, tokenizer, sae, [3, 9, 100], p, c, reduce) for p, c in zip(GRPO_PROMPTS, completions)]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-5)
+    with peft.disable_adapter():  # the policy's LoRA adapters are part of what is scored
+        assert reward(prompts=GRPO_PROMPTS, completions=["x"] * 4, completion_ids=completions) != got
+
+
+def test_rewards_in_a_grpo_run_with_peft(tmp_path, sae):
+    model = tiny_model("qwen3")
+    reward = code_switching_reward(model, tiny_tokenizer(), sae, [3, 9])
+    trainer = grpo_trainer(tmp_path, [reward], model=model, peft=True, steps=2)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "rewards/sae_code_switching/mean" in entry]
+    assert len(logs) == 2 and all(-1.0 <= entry["rewards/sae_code_switching/mean"] <= 0.0 for entry in logs)
+
+
+def test_steered_negative_rollouts_on_the_right_rows(tmp_path, sae):
+    spec = Steering(sae, 9, 60.0)
+    seen = []
+
+    def task_reward(prompts, completions, completion_ids, steered, **kwargs):
+        seen.append((list(prompts), [list(c) for c in completion_ids], list(steered)))
+        return [float(len(c)) for c in completion_ids]
+
+    model = tiny_model("qwen3")
+    trainer = grpo_trainer(tmp_path, [task_reward], model=model, greedy=True, lr=0.0,
+                           rollout_func=SteeredNegativeRollouts(spec))
+    trainer.train()
+    prompts, completions, steered = seen[0]
+    assert steered == [True, False, False, False] * 2
+    tokenizer = tiny_tokenizer()
+    for group in range(2):
+        rows = completions[4 * group:4 * group + 4]
+        assert rows[1] == rows[2] == rows[3] != rows[0]  # greedy: only the steered row differs
+        ids = tokenizer(prompts[4 * group], return_tensors="pt")
+        with torch.no_grad():
+            plain = model.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
+            handle = decoder_layers(model)[LAYER].register_forward_hook(
+                lambda m, i, out: out + 60.0 * sae.W_dec[:, 9].detach())
+            try:
+                hooked = model.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1]:]
+            finally:
+                handle.remove()
+        assert rows[1] == plain[:len(rows[1])]
+        assert rows[0] == hooked.tolist()[:len(rows[0])]
+    assert not qscope_hooks(model)
+
+
+class RecordingGRPOTrainer(GRPOTrainer):
+    """Records the per-token log-probabilities the loss uses."""
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, *args, **kwargs):
+        result = super()._get_per_token_logps_and_entropies(model, input_ids, *args, **kwargs)
+        if torch.is_grad_enabled():
+            self.recorded = (input_ids.detach().clone(), result[0].detach().clone())
+        return result
+
+
+def test_loss_uses_unsteered_logprobs_of_steered_tokens(tmp_path, sae):
+    model = tiny_model("qwen3")
+    args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, num_generations=4,
+                      per_device_train_batch_size=4, max_completion_length=6, report_to=[], max_steps=1,
+                      save_strategy="no", learning_rate=0.0)
+    trainer = RecordingGRPOTrainer(model=model, reward_funcs=lambda completion_ids, **k: [0.0] * len(completion_ids),
+                                   args=args, train_dataset=Dataset.from_dict({"prompt": GRPO_PROMPTS[:1] * 4}),
+                                   processing_class=tiny_tokenizer(),
+                                   rollout_func=SteeredNegativeRollouts(Steering(sae, 9, 60.0)))
+    trainer.train()
+    input_ids, logps = trainer.recorded
+    width = logps.shape[1]
+    with torch.no_grad():  # the unsteered policy on the same tokens (steered row 0 included)
+        logits = model(input_ids=input_ids).logits[:, -width - 1:-1]
+        expected = logits.log_softmax(-1).gather(-1, input_ids[:, -width:, None])[..., 0]
+    mask = input_ids[:, -width:] != tiny_tokenizer().pad_token_id
+    torch.testing.assert_close(logps[mask], expected[mask], rtol=1e-4, atol=1e-4)
+
+
+def test_penalty_as_grpo_auxiliary_loss(tmp_path, sae):
+    penalty = SAEFeaturePenalty(sae, {"*": [3, 9, 100]}, lam=1.0, language_column=None)
+    reward = lambda completion_ids, **kwargs: [float(len(c)) for c in completion_ids]  # noqa: E731
+    torch.manual_seed(0)
+    plain = grpo_trainer(tmp_path / "a", [reward], peft=True, greedy=True)
+    torch.manual_seed(0)
+    penalised = add_sae_penalty(grpo_trainer(tmp_path / "b", [reward], peft=True, greedy=True), penalty)
+    assert all(torch.equal(p, dict(plain.model.named_parameters())[n]) for n, p in penalised.model.named_parameters())
+    plain.train()
+    penalised.train()
+    assert any(entry.get("sae_penalty", 0) > 0 for entry in penalised.state.log_history)
+    lora = {n: p for n, p in penalised.model.named_parameters() if "lora_B" in n}
+    plain_lora = dict(plain.model.named_parameters())
+    assert any(not torch.allclose(p, plain_lora[n]) for n, p in lora.items())
+
+
+def test_monitor_callback_in_grpo(tmp_path, sae):
+    reward = lambda completion_ids, **kwargs: [float(len(c)) for c in completion_ids]  # noqa: E731
+    callback = SAEFeatureMonitorCallback(sae, [3, 9], every=1)
+    trainer = grpo_trainer(tmp_path, [reward], callbacks=[callback], steps=2)
+    trainer.train()
+    rates = [entry["sae/L1/f3/rate"] for entry in trainer.state.log_history if "sae/L1/f3/rate" in entry]
+    assert len(rates) == 2 and all(0.0 <= rate <= 1.0 for rate in rates)
+
+
+@pytest.mark.slow
+def test_two_process_sft_with_penalty_matches_one_process(tmp_path):
+    """torchrun with 2 CPU processes (gloo), 2 samples each, equals 1 process with the same 4-sample batch."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).with_name("dist_sasft.py"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    single, double = tmp_path / "one", tmp_path / "two"
+    for cmd, out in [([sys.executable, script, str(single), "4"], single),
+                     ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script,
+                       str(double), "2"], double)]:
+        out.mkdir()
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (json.loads((d / "log.json").read_text()) for d in (single, double))
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert two["sae_penalty"] == pytest.approx(one["sae_penalty"], rel=1e-4)
+    before = {n: p for n, p in torch.load(single / "lora.pt").items()}
+    after = torch.load(double / "lora.pt")
+    for name, weight in before.items():
+        torch.testing.assert_close(after[name], weight, rtol=1e-4, atol=1e-5)
