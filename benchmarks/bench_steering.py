@@ -25,7 +25,8 @@ from qscope_hf import SAELogitsProcessor, Steering
 from qscope_hf.tiny import tiny_model, tiny_sae
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True)
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                    tie_word_embeddings=True)
 
 
 def models(device: str):

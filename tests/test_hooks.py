@@ -101,7 +101,6 @@ def test_hook_returning_none_leaves_output_and_capture_can_keep_graph(qwen3):
 
 
 def test_hooks_removed_after_exceptions(qwen3):
-    layers = decoder_layers(qwen3)
     with pytest.raises(RuntimeError, match="user code failed"):
         with capture_layers(qwen3, [0, 3]):
             assert len(qscope_hooks(qwen3)) == 2
