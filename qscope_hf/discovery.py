@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .hooks import capture_layers, check_sae_fits
+from .hooks import check_sae_fits, layer_outputs
 from .sae import SparseAutoencoder
 
 #: Multipliers of the firing-rate difference (in percentage points) for suggested strengths, and the strengths
@@ -184,24 +184,22 @@ def activation_stats(model: nn.Module, tokenizer: Any, saes: SparseAutoencoder |
     accumulators = [_Accumulator(sae, n_contexts) for sae in saes]
     device = next(model.parameters()).device
     bar = tqdm(total=len(dataset), desc="activation stats", unit="text", disable=not progress)
-    with capture_layers(model, layers) as captured:
-        for start, batch in _batches(dataset, batch_size):
-            texts = batch[text_column]
-            inputs = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-            inputs = {key: value.to(device) for key, value in inputs.items()}
-            model(**inputs)
-            real = inputs["attention_mask"].bool()
-            positions = real.long().cumsum(1) - 1
-            valid = real & ~((positions == 0) & skip_first)
-            if excluded.numel():
-                valid &= ~torch.isin(inputs["input_ids"], excluded.to(device))
-            docs = torch.arange(start, start + len(texts), device=device)
-            for accumulator, layer in zip(accumulators, layers):
-                sae = accumulator.sae
-                values, indices = sae.encode_topk(captured[layer].to(sae.device, sae.dtype))
-                accumulator.add(values, indices, valid.to(sae.device), docs.to(sae.device),
-                                positions.to(sae.device))
-            bar.update(len(texts))
+    for start, batch in _batches(dataset, batch_size):
+        texts = batch[text_column]
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        inputs = {key: value.to(device) for key, value in inputs.items()}
+        captured = layer_outputs(model, layers, **inputs)
+        real = inputs["attention_mask"].bool()
+        positions = real.long().cumsum(1) - 1
+        valid = real & ~((positions == 0) & skip_first)
+        if excluded.numel():
+            valid &= ~torch.isin(inputs["input_ids"], excluded.to(device))
+        docs = torch.arange(start, start + len(texts), device=device)
+        for accumulator, layer in zip(accumulators, layers):
+            sae = accumulator.sae
+            values, indices = sae.encode_topk(captured[layer].to(sae.device, sae.dtype))
+            accumulator.add(values, indices, valid.to(sae.device), docs.to(sae.device), positions.to(sae.device))
+        bar.update(len(texts))
     bar.close()
     stats = {layer: acc.result(tokenizer) for layer, acc in zip(layers, accumulators)}
     referenced = sorted({d for s in stats.values() for d in s.top_docs[s.top_docs >= 0].unique().tolist()})
@@ -333,20 +331,19 @@ def estimate_language_baselines(model: nn.Module, tokenizer: Any, saes: SparseAu
     counts: dict[str, int] = {}
     device = next(model.parameters()).device
     bar = tqdm(total=len(dataset), desc="language baselines", unit="text", disable=not progress)
-    with capture_layers(model, list(features)) as captured:
-        for _, batch in _batches(dataset, batch_size):
-            inputs = tokenizer(batch[text_column], return_tensors="pt", padding=True, truncation=True,
-                               max_length=max_length).to(device)
-            model(**inputs)
-            real = inputs["attention_mask"].bool()
-            valid = real & (real.long().cumsum(1) > 1)
-            for row, lang in enumerate(batch[language_column]):
-                counts[lang] = counts.get(lang, 0) + int(valid[row].sum())
-                for layer, sae in ((layer, saes[layer]) for layer in features):
-                    pre = sae.pre_acts(captured[layer][row][valid[row]].to(sae.device, sae.dtype), index[layer])
-                    key = (layer, lang)
-                    sums[key] = sums.get(key, 0) + pre.double().sum(0).cpu()
-            bar.update(len(batch[text_column]))
+    for _, batch in _batches(dataset, batch_size):
+        inputs = tokenizer(batch[text_column], return_tensors="pt", padding=True, truncation=True,
+                           max_length=max_length).to(device)
+        captured = layer_outputs(model, list(features), **inputs)
+        real = inputs["attention_mask"].bool()
+        valid = real & (real.long().cumsum(1) > 1)
+        for row, lang in enumerate(batch[language_column]):
+            counts[lang] = counts.get(lang, 0) + int(valid[row].sum())
+            for layer, sae in ((layer, saes[layer]) for layer in features):
+                pre = sae.pre_acts(captured[layer][row][valid[row]].to(sae.device, sae.dtype), index[layer])
+                key = (layer, lang)
+                sums[key] = sums.get(key, 0) + pre.double().sum(0).cpu()
+        bar.update(len(batch[text_column]))
     bar.close()
     return {layer: {lang: dict(zip(index[layer].tolist(), (sums[(layer, lang)] / max(counts[lang], 1)).tolist()))
                     for lang in sorted(counts)} for layer in features}
@@ -366,9 +363,8 @@ def repetition_features(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder
     device = next(model.parameters()).device
     for text in texts:
         inputs = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length).to(device)
-        with capture_layers(model, [layer]) as captured:
-            model(**inputs)
-        codes = sae.encode(captured[layer][0].to(sae.device, sae.dtype)).double().cpu()  # [T, d_sae]
+        hidden = layer_outputs(model, [layer], **inputs)[layer][0]
+        codes = sae.encode(hidden.to(sae.device, sae.dtype)).double().cpu()  # [T, d_sae]
         ids = inputs["input_ids"][0].tolist()
         first: dict[int, int] = {}
         last: dict[int, int] = {}

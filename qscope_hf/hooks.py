@@ -136,23 +136,36 @@ def hook_layers(model: nn.Module, edits: Mapping[int, LayerEdit]) -> Iterator[No
             handle.remove()
 
 
+class _StopForward(Exception):
+    """Raised after the last captured layer to end a forward early (``capture_layers(stop=True)``)."""
+
+
 @contextmanager
-def capture_layers(model: nn.Module, layers: Iterable[int], *, detach: bool = True) -> Iterator[dict[int, Tensor]]:
+def capture_layers(model: nn.Module, layers: Iterable[int], *, detach: bool = True,
+                   stop: bool = False) -> Iterator[dict[int, Tensor]]:
     """Capture the output ``[B, T, d]`` of each decoder layer in ``layers``.
 
     Yields a dict that each forward fills with the latest output per layer (detached unless ``detach=False``,
-    which keeps the graph for losses).
+    which keeps the graph for losses). With ``stop=True`` the forward ends right after the last of ``layers``
+    (the later layers and the LM head are skipped) and the block ends there: use it around a single forward whose
+    only purpose is the capture.
     """
+    layers = sorted(set(layers))
     captured: dict[int, Tensor] = {}
 
     def recorder(layer: int) -> LayerEdit:
         def record(hidden: Tensor) -> None:
             captured[layer] = hidden.detach() if detach else hidden
+            if stop and layer == layers[-1]:
+                raise _StopForward
 
         return record
 
-    with hook_layers(model, {layer: recorder(layer) for layer in layers}):
-        yield captured
+    try:
+        with hook_layers(model, {layer: recorder(layer) for layer in layers}):
+            yield captured
+    except _StopForward:
+        pass
 
 
 @contextmanager
@@ -173,7 +186,7 @@ def add_to_layers(model: nn.Module, vectors: Mapping[int, Tensor]) -> Iterator[N
 
 @torch.no_grad()
 def layer_outputs(model: nn.Module, layers: Iterable[int], **inputs: Any) -> dict[int, Tensor]:
-    """One forward of ``model(**inputs)``; the outputs ``[B, T, d]`` of ``layers``."""
-    with capture_layers(model, layers) as captured:
+    """The outputs ``[B, T, d]`` of ``layers`` for ``model(**inputs)`` (the forward stops after the last of them)."""
+    with capture_layers(model, layers, stop=True) as captured:
         model(**inputs)
     return dict(captured)

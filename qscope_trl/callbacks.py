@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
 from qscope_hf import ops
-from qscope_hf.hooks import capture_layers, check_sae_fits, decoder_layers, layer_hidden, unwrap_model
+from qscope_hf.hooks import check_sae_fits, decoder_layers, layer_hidden, layer_outputs, unwrap_model
 from qscope_hf.sae import SparseAutoencoder
 
 
@@ -178,8 +178,7 @@ class SAEFeatureMonitorCallback(TrainerCallback):
         was_training = inner.training
         inner.eval()
         try:
-            with capture_layers(inner, list(self.saes)) as captured:
-                inner(**inputs)
+            captured = layer_outputs(inner, list(self.saes), **inputs)
         finally:
             inner.train(was_training)
         tokens = 0.0

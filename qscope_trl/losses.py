@@ -36,8 +36,9 @@ from qscope_hf.hooks import check_sae_fits, hook_layers
 from qscope_hf.sae import SparseAutoencoder
 
 LANGUAGE_KEY = "sae_language"
-#: The language of samples when the penalty has no language column: every listed feature is penalised.
-ANY = "*"
+#: The row of samples in a language the penalty does not list (without baselines, or without a language column):
+#: every listed feature is penalised on them, with α = 0.
+OTHER = "<other>"
 
 LanguageFeatures = Mapping[str, Sequence[int]]
 Baselines = Mapping[int, Mapping[str, Mapping[int, float]]]
@@ -60,8 +61,9 @@ class SAEFeaturePenalty:
 
     ``features`` maps a language to feature ids (the same for every SAE) or a layer to such a mapping.
     ``language_column`` names the dataset column with each sample's language; ``None`` penalises every listed
-    feature on every sample (use a single key, e.g. ``{"*": features}``). ``baselines`` (layer -> language ->
-    feature -> α) comes from :func:`qscope_hf.discovery.estimate_language_baselines`.
+    feature on every sample. ``baselines`` (layer -> language -> feature -> α) comes from
+    :func:`qscope_hf.discovery.estimate_language_baselines`; with baselines, every sample's language needs them,
+    without, samples in unlisted languages are penalised on all features with α = 0.
     """
 
     saes: SparseAutoencoder | Sequence[SparseAutoencoder]
@@ -86,8 +88,8 @@ class SAEFeaturePenalty:
         if self.baselines is not None:
             known |= {lang for layer in self.baselines.values() for lang in layer}
         if self.language_column is None:
-            known = {ANY}
-        self.languages = sorted(known)
+            known = set()
+        self.languages = sorted(known) + ([OTHER] if self.baselines is None or self.language_column is None else [])
         self.terms = {sae.layer: self._term(sae, per_layer[sae.layer]) for sae in saes}
 
     def _features_of(self, layer: int) -> LanguageFeatures:
@@ -109,7 +111,7 @@ class SAEFeaturePenalty:
             for owner, ids in features.items():
                 if owner != lang or self.language_column is None:
                     active[row, [column[int(f)] for f in ids]] = True
-            if self.baselines is not None:
+            if self.baselines is not None and lang != OTHER:
                 layer_baselines = self.baselines.get(sae.layer, {})
                 if lang not in layer_baselines and self.language_column is not None:
                     raise ValueError(f"no baselines for language {lang!r} at layer {sae.layer}")
@@ -131,9 +133,12 @@ class SAEFeaturePenalty:
         """Map each sample's language to its row in the tables; an unknown language raises."""
         ids = []
         for lang in languages:
-            if lang not in self.languages:
-                raise ValueError(f"unknown language {lang!r}: the penalty knows {self.languages}")
-            ids.append(self.languages.index(lang))
+            if lang in self.languages:
+                ids.append(self.languages.index(lang))
+            elif OTHER in self.languages:
+                ids.append(self.languages.index(OTHER))
+            else:
+                raise ValueError(f"unknown language {lang!r}: the penalty has baselines for {self.languages}")
         return torch.tensor(ids, dtype=torch.long)
 
     def check(self, model: nn.Module, dataset: Any = None) -> None:
@@ -156,7 +161,10 @@ class SAEFeaturePenalty:
         total, count = None, None
         for layer, term in self.terms.items():
             h = hidden[layer]
-            ids = language_ids if language_ids is not None else torch.zeros(h.shape[0], dtype=torch.long)
+            if language_ids is None:  # no language column: every sample is in the OTHER row
+                ids = torch.full((h.shape[0],), self.languages.index(OTHER), dtype=torch.long)
+            else:
+                ids = language_ids
             ids = ids.to(h.device)
             pre = ops.feature_pre_acts(h, term.rows.to(h.device, h.dtype), term.bias.to(h.device, h.dtype)).float()
             excess = (pre - term.alpha.to(h.device)[ids][:, None, :]).relu()

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from qscope_hf import ops
-from qscope_hf.hooks import capture_layers, check_sae_fits, unwrap_model
+from qscope_hf.hooks import check_sae_fits, layer_outputs, unwrap_model
 from qscope_hf.sae import SparseAutoencoder
 
 REDUCTIONS = ("fraction", "max", "mean")
@@ -74,9 +74,8 @@ class SAEFeatureReward:
                     ids[row, :len(sequence)] = torch.tensor(sequence)
                     real[row, :len(sequence)] = True
                     scored[row, len(prompt):len(sequence)] = True
-                with capture_layers(inner, [self.layer]) as captured:
-                    inner(input_ids=ids.to(device), attention_mask=real.long().to(device))
-                hidden = captured[self.layer]
+                hidden = layer_outputs(inner, [self.layer], input_ids=ids.to(device),
+                                       attention_mask=real.long().to(device), use_cache=False)[self.layer]
                 acts = ops.feature_pre_acts(hidden, self.rows.to(device, hidden.dtype),
                                             self.bias.to(device, hidden.dtype)).float().relu().cpu()
                 scores += [self._reduce(acts[row][scored[row]]) for row in range(len(sequences))]

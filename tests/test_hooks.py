@@ -127,3 +127,18 @@ def test_bad_layers_and_sizes(qwen3):
         with add_to_layers(qwen3, {0: torch.zeros(10)}):
             pass
     assert not qscope_hooks(qwen3)
+
+
+def test_capture_can_stop_the_forward_after_the_last_layer(qwen3):
+    calls = []
+    handle = decoder_layers(qwen3)[3].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        ids = prompt_ids()
+        full = layer_outputs(qwen3, [0, 1], input_ids=ids)
+        assert not calls  # layers after 1 (and the LM head) did not run
+        with torch.no_grad(), capture_layers(qwen3, [1]) as captured:
+            qwen3(input_ids=ids)
+        assert calls and torch.equal(full[1], captured[1])
+    finally:
+        handle.remove()
+    assert not qscope_hooks(qwen3)

@@ -263,7 +263,7 @@ def test_loss_uses_unsteered_logprobs_of_steered_tokens(tmp_path, sae):
 
 
 def test_penalty_as_grpo_auxiliary_loss(tmp_path, sae):
-    penalty = SAEFeaturePenalty(sae, {"*": [3, 9, 100]}, lam=1.0, language_column=None)
+    penalty = SAEFeaturePenalty(sae, {"any": [3, 9, 100]}, lam=1.0, language_column=None)
     reward = lambda completion_ids, **kwargs: [float(len(c)) for c in completion_ids]  # noqa: E731
     torch.manual_seed(0)
     plain = grpo_trainer(tmp_path / "a", [reward], peft=True, greedy=True)
