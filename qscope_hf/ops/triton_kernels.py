@@ -158,18 +158,22 @@ def _select_kernel(key_ptr, value_ptr, index_ptr, n_rows, capacity, k,
 @triton.jit
 def _gather_sum_kernel(
     val_ptr, idx_ptr, table_ptr, out_ptr, k, d, stride_tf, stride_td,
-    ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """One output row slice ``[BLOCK_D]``: the selected table rows, ``BLOCK_J`` at a time, weighted and summed."""
     n = tl.program_id(0).to(tl.int64)
-    js = tl.arange(0, BLOCK_K)
-    j_ok = js < k
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = ds < d
-    idx = tl.load(idx_ptr + n * k + js, mask=j_ok, other=0).to(tl.int64)
-    val = tl.load(val_ptr + n * k + js, mask=j_ok, other=0.0).to(ACC)
-    rows = tl.load(table_ptr + idx[:, None] * stride_tf + ds[None, :] * stride_td,
-                   mask=j_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
-    tl.store(out_ptr + n * d + ds, tl.sum(rows * val[:, None], axis=0), mask=d_ok)
+    total = tl.zeros((BLOCK_D,), dtype=ACC)
+    for j0 in range(0, k, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J)
+        j_ok = js < k
+        idx = tl.load(idx_ptr + n * k + js, mask=j_ok, other=0).to(tl.int64)
+        val = tl.load(val_ptr + n * k + js, mask=j_ok, other=0.0).to(ACC)
+        rows = tl.load(table_ptr + idx[:, None] * stride_tf + ds[None, :] * stride_td,
+                       mask=j_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
+        total += tl.sum(rows * val[:, None], axis=0)
+    tl.store(out_ptr + n * d + ds, total, mask=d_ok)
 
 
 @triton.jit
@@ -311,12 +315,14 @@ def _launch_rowwise(kernel, k: int, d: int, n_rows: int, *args, acc: torch.dtype
 def gather_sum(values: Tensor, indices: Tensor, table: Tensor) -> Tensor:
     """``Σ_j values[n, j] · table[indices[n, j]]``: ``[N, D]`` in the accumulate dtype."""
     n_rows, k = indices.shape
+    width = table.shape[1]
     acc = accumulate_dtype(table.dtype)
-    out = table.new_empty(n_rows, table.shape[1], dtype=acc)
+    out = table.new_empty(n_rows, width, dtype=acc)
     if n_rows:
-        _launch_rowwise(_gather_sum_kernel, k, table.shape[1], n_rows,
-                        values.contiguous(), indices.contiguous(), table, out, k, table.shape[1],
-                        table.stride(0), table.stride(1), acc=acc, tiled=True)
+        block_d = min(_pow2(width), 1024)
+        _gather_sum_kernel[(n_rows, triton.cdiv(width, block_d))](
+            values.contiguous(), indices.contiguous(), table, out, k, width, table.stride(0), table.stride(1),
+            ACC=_acc_type(acc), BLOCK_J=16, BLOCK_D=block_d, num_warps=4)
     return out
 
 
