@@ -17,7 +17,7 @@ from .reference import accumulate_dtype
 #: A tile's temporaries may always hold this many elements (8 MiB in fp32) ...
 TILE_ELEMENTS = 1 << 21
 #: ... or, when that is more, ``1 / TILE_FRACTION`` of the dense ``[N, d_sae]`` matrix.
-TILE_FRACTION = 4
+TILE_FRACTION = 6
 MIN_TILE = 256
 #: Candidates are cut back to ``k`` once the buffer holds this many times ``k``.
 MERGE_FACTOR = 8
@@ -25,10 +25,10 @@ MERGE_FACTOR = 8
 
 def tile_width(n_rows: int, d_sae: int, d_model: int) -> int:
     """Columns per tile, so that a tile's temporaries (``[N, tile]`` pre-activations and ``[tile, d_model]`` encoder
-    rows: cast to the accumulate dtype, or packed by the BLAS) hold at most ``max(TILE_ELEMENTS, N·d_sae / 4)``
+    rows: cast to the accumulate dtype, or packed by the BLAS) hold at most ``max(TILE_ELEMENTS, N·d_sae / 6)``
     elements.
 
-    Peak extra memory is then about ``max(8 MiB, dense / 4)`` where dense is the ``[N, d_sae]`` fp32 matrix a
+    Peak extra memory is then about ``max(8 MiB, dense / 6)`` where dense is the ``[N, d_sae]`` fp32 matrix a
     naive encode allocates (twice, with its ReLU output).
     """
     budget = max(TILE_ELEMENTS, n_rows * d_sae // TILE_FRACTION)
