@@ -20,9 +20,9 @@ def _model_and_sae(args: argparse.Namespace):
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import tiny_demo
+    from .demo import run_demo
 
-    tiny_demo(args.prompt, layer=args.layer)
+    run_demo(args.model, args.sae, args.layer, args.prompt)
 
 
 def _discover(args: argparse.Namespace) -> None:
@@ -77,6 +77,73 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"wrote {report.save(args.out)}")
 
 
+def _train_sae(args: argparse.Namespace) -> None:
+    import datasets
+
+    from .loading import load_model, load_texts
+    from .training import SAETrainer, TrainConfig, evaluate_saes
+
+    model, tokenizer = load_model(args.model)
+    corpora = [load_texts(path, args.text_column).select_columns([args.text_column]) for path in args.data]
+    data = datasets.concatenate_datasets(corpora)
+    config = TrainConfig(layers=args.layers, k=args.k, d_sae=args.d_sae, expansion=args.expansion, lr=args.lr,
+                         total_tokens=args.tokens, batch_tokens=args.batch_tokens, context_length=args.context_length,
+                         checkpoint_every=args.checkpoint_every, seed=args.seed)
+    trainer = SAETrainer(model, tokenizer, config, text_column=args.text_column)
+    saes = trainer.fit(data, args.out, resume=args.resume)
+    print(f"wrote {len(saes)} SAEs to {args.out}")
+    if args.eval:
+        held_out = load_texts(args.eval, args.text_column)[args.text_column]
+        for layer, metrics in evaluate_saes(model, tokenizer, list(saes.values()), held_out).items():
+            print(f"layer {layer}: " + ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from .analysis import (
+        coverage_curve,
+        footprints,
+        overlap_matrix,
+        plot_coverage,
+        plot_overlap,
+        ranking_redundancy,
+        union,
+    )
+    from .loading import load_texts
+    from .report import Report
+
+    model, tokenizer, sae = _model_and_sae(args)
+    names = args.names or [Path(path).stem for path in args.benchmarks]
+    if len(names) != len(args.benchmarks):
+        raise ValueError(f"{len(names)} names for {len(args.benchmarks)} benchmarks")
+    prints = {name: footprints(model, tokenizer, sae, load_texts(path, args.text_column), mode=args.mode,
+                               text_column=args.text_column, batch_size=args.batch_size)
+              for name, path in zip(names, args.benchmarks)}
+    curves = {name: coverage_curve(p) for name, p in prints.items()}
+    out = Path(args.out)
+    report = Report(f"qscope analyze: {', '.join(names)} (layer {sae.layer}, {args.mode} tokens)")
+    rows = "".join(f"<tr><td>{name}</td><td>{len(p)}</td><td>{len(union(p))}</td><td>{curves[name].auc():.3f}</td>"
+                   f"<td>{curves[name].auc() * len(p) / max(len(union(p)), 1):.3f}</td></tr>"
+                   for name, p in prints.items())
+    report.parts.append("<h2>Footprints</h2><table><tr><th>benchmark</th><th>N</th><th>|F(D)|</th>"
+                        f"<th>AUC(c_n)</th><th>redundancy R̂</th></tr>{rows}</table>")
+    report.image(plot_coverage(curves, out.with_suffix(".coverage.png")), "feature coverage curves")
+    report.image(plot_overlap(names, overlap_matrix(prints), out.with_suffix(".overlap.png")),
+                 "asymmetric overlap |F(row) ∩ F(column)| / |F(row)|")
+    if args.scores:
+        scores = json.loads(Path(args.scores).read_text())
+        cells = "".join(f"<tr><td>{name}</td><td>{ranking_redundancy(scores[name]):.3f}</td></tr>"
+                        for name in names if name in scores)
+        report.parts.append("<h2>Ranking-stability redundancy R (Kendall τ, 10% subsets)</h2>"
+                            f"<table><tr><th>benchmark</th><th>R</th></tr>{cells}</table>")
+    for name, p in prints.items():
+        redundancy = curves[name].auc() * len(p) / max(len(union(p)), 1)
+        print(f"{name}: N={len(p)}, |F(D)|={len(union(p))}, R̂={redundancy:.3f}")
+    print(f"wrote {report.save(out)}")
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", help="'tiny', a hub id or a local model directory")
     parser.add_argument("--sae", default="tiny", help="'tiny', a Qwen-Scope release id or a local SAE path")
@@ -90,9 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qscope", description="Qwen-Scope sparse autoencoders for HF and TRL")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="encode a prompt with an SAE, offline")
-    demo.add_argument("--prompt", default="Sparse autoencoders find features.")
-    demo.add_argument("--layer", type=int, default=1)
+    demo = commands.add_parser("demo", help="features of a prompt and steering by contrast (offline: SmolLM2)")
+    demo.add_argument("--model", default="smollm2", help="'smollm2' (default), 'tiny', a hub id or a directory")
+    demo.add_argument("--sae", default=None, help="SAE source (default: the shipped SmolLM2 SAEs)")
+    demo.add_argument("--layer", type=int, default=None)
+    demo.add_argument("--prompt", default=None)
     demo.set_defaults(run=_demo)
 
     discover = commands.add_parser("discover", help="features that tell corpus A from corpus B")
@@ -122,6 +191,34 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--show", type=int, default=5, help="texts shown as heatmaps")
     inspect.add_argument("--out", default="qscope_report.html")
     inspect.set_defaults(run=_inspect)
+
+    analyze = commands.add_parser("analyze", help="benchmark footprints: coverage, redundancy, overlap (HTML)")
+    _common(analyze)
+    analyze.add_argument("--benchmarks", nargs="+", required=True, help="json/jsonl/csv/parquet/txt files")
+    analyze.add_argument("--names", nargs="*", default=None)
+    analyze.add_argument("--mode", choices=["all", "last"], default="all", help="footprint over all or last tokens")
+    analyze.add_argument("--scores", default=None, help="JSON {benchmark: {model: [per-sample scores]}}")
+    analyze.add_argument("--out", default="qscope_analysis.html")
+    analyze.set_defaults(run=_analyze)
+
+    train = commands.add_parser("train-sae", help="train TopK SAEs on a model's residual stream")
+    train.add_argument("--model", default="tiny", help="'tiny', 'smollm2', a hub id or a local model directory")
+    train.add_argument("--layers", type=int, nargs="+", required=True)
+    train.add_argument("--data", nargs="+", required=True, help="training corpora (text files, json/csv/parquet)")
+    train.add_argument("--text-column", default="text")
+    train.add_argument("--out", required=True, help="output directory (Qwen-Scope layout + SAELens)")
+    train.add_argument("--k", type=int, default=32)
+    train.add_argument("--d-sae", type=int, default=None)
+    train.add_argument("--expansion", type=int, default=8, help="d_sae = expansion x d_model unless --d-sae")
+    train.add_argument("--lr", type=float, default=None)
+    train.add_argument("--tokens", type=int, default=1_000_000)
+    train.add_argument("--batch-tokens", type=int, default=4096)
+    train.add_argument("--context-length", type=int, default=256)
+    train.add_argument("--checkpoint-every", type=int, default=None)
+    train.add_argument("--resume", action="store_true")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--eval", default=None, help="held-out corpus for FVU, L0, dead latents and spliced loss")
+    train.set_defaults(run=_train_sae)
     return parser
 
 

@@ -146,7 +146,8 @@ class _Accumulator:
                             self.top_docs, self.top_positions, tokenizer=tokenizer)
 
 
-def _as_dataset(data: Corpus, text_column: str) -> datasets.Dataset:
+def as_dataset(data: Corpus, text_column: str) -> datasets.Dataset:
+    """Texts (a list, one string, or a ``datasets.Dataset`` with ``text_column``) as a non-empty Dataset."""
     if isinstance(data, datasets.Dataset):
         if text_column not in data.column_names:
             raise KeyError(f"text column {text_column!r} not in the dataset (columns: {data.column_names})")
@@ -157,7 +158,8 @@ def _as_dataset(data: Corpus, text_column: str) -> datasets.Dataset:
     return datasets.Dataset.from_dict({text_column: texts})
 
 
-def _batches(data: datasets.Dataset, batch_size: int) -> Iterator[tuple[int, list[str]]]:
+def text_batches(data: datasets.Dataset, batch_size: int) -> Iterator[tuple[int, dict[str, list]]]:
+    """``(index of the first row, batch)`` over ``data`` in order."""
     start = 0
     for batch in data.iter(batch_size=batch_size):
         yield start, batch
@@ -179,12 +181,12 @@ def activation_stats(model: nn.Module, tokenizer: Any, saes: SparseAutoencoder |
     layers = [check_sae_fits(model, sae) for sae in saes]
     if len(set(layers)) != len(layers):
         raise ValueError(f"one SAE per layer, got layers {layers}")
-    dataset = _as_dataset(data, text_column)
+    dataset = as_dataset(data, text_column)
     excluded = torch.tensor(sorted(set(exclude_tokens or ())), dtype=torch.long)
     accumulators = [_Accumulator(sae, n_contexts) for sae in saes]
     device = next(model.parameters()).device
     bar = tqdm(total=len(dataset), desc="activation stats", unit="text", disable=not progress)
-    for start, batch in _batches(dataset, batch_size):
+    for start, batch in text_batches(dataset, batch_size):
         texts = batch[text_column]
         inputs = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
         inputs = {key: value.to(device) for key, value in inputs.items()}
@@ -324,14 +326,14 @@ def estimate_language_baselines(model: nn.Module, tokenizer: Any, saes: SparseAu
             raise ValueError(f"no SAE given for layer {layer} (SAEs for layers {sorted(saes)})")
         check_sae_fits(model, saes[layer])
     index = {layer: saes[layer].feature_index(sorted(set(fs))) for layer, fs in features.items()}
-    dataset = _as_dataset(data, text_column)
+    dataset = as_dataset(data, text_column)
     if language_column not in dataset.column_names:
         raise KeyError(f"language column {language_column!r} not in the dataset (columns: {dataset.column_names})")
     sums: dict[tuple[int, str], Tensor] = {}
     counts: dict[str, int] = {}
     device = next(model.parameters()).device
     bar = tqdm(total=len(dataset), desc="language baselines", unit="text", disable=not progress)
-    for _, batch in _batches(dataset, batch_size):
+    for _, batch in text_batches(dataset, batch_size):
         inputs = tokenizer(batch[text_column], return_tensors="pt", padding=True, truncation=True,
                            max_length=max_length).to(device)
         captured = layer_outputs(model, list(features), **inputs)

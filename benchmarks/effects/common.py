@@ -1,0 +1,124 @@
+"""Shared pieces of the effect studies: SmolLM2 with its shipped SAEs, text measures, and RESULTS.md sections.
+
+Language and repetition are measured with transparent heuristics (stop-word shares, repeated n-grams), which is
+what an offline run can afford; the numbers are comparable across conditions, not against external detectors.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from qscope_hf.smollm2 import ASSETS, load_model, load_saes
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "RESULTS.md"
+OUT = ROOT / "results"
+
+FRENCH = set("le la les de des du un une et est sont en dans pour pas que qui sur avec au aux ce cette il elle nous "
+             "vous ils elles je tu on mais ou plus par son sa ses leur très être avoir fait comme".split())
+ENGLISH = set("the a an and is are of to in for not that who on with at this it he she we you they i but or more by "
+              "his her their very be have has do does as was were".split())
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-zàâçéèêëîïôûùüÿœæ']+", text.lower())
+
+
+def language_scores(text: str) -> tuple[float, float]:
+    """Shares of French and of English stop words among the words of ``text``."""
+    tokens = words(text)
+    if not tokens:
+        return 0.0, 0.0
+    return sum(t in FRENCH for t in tokens) / len(tokens), sum(t in ENGLISH for t in tokens) / len(tokens)
+
+
+def is_french(text: str, minimum: int = 4) -> bool:
+    """Mostly French: at least ``minimum`` words, and more French than English stop words."""
+    french, english = language_scores(text)
+    return len(words(text)) >= minimum and french > english
+
+
+def has_english(text: str) -> bool:
+    """Contains English: an English stop-word share of at least 10% (a French text has about 0%)."""
+    return language_scores(text)[1] >= 0.10
+
+
+def has_loop(token_ids: list[int], n: int = 4, repeats: int = 3) -> bool:
+    """An n-gram (n tokens) that occurs at least ``repeats`` times: a repetition loop."""
+    grams = Counter(tuple(token_ids[i:i + n]) for i in range(len(token_ids) - n + 1))
+    return bool(grams) and max(grams.values()) >= repeats
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, prompts: list[str], completions: list[str]) -> float:
+    """Perplexity of ``completions`` given their prompts under ``model`` (mean over completion tokens)."""
+    total, count = 0.0, 0
+    for prompt, completion in zip(prompts, completions):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        ids = tokenizer(prompt + completion)["input_ids"]
+        if len(ids) <= len(prompt_ids):
+            continue
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        target = torch.tensor(ids[1:])
+        losses = torch.nn.functional.cross_entropy(logits, target, reduction="none")[len(prompt_ids) - 1:]
+        total += float(losses.sum())
+        count += len(losses)
+    return float(torch.tensor(total / max(count, 1)).exp())
+
+
+def chat_prompts(tokenizer, questions: list[str]) -> list[str]:
+    return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+            for q in questions]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 16,
+             **options) -> tuple[list[str], list[list[int]]]:
+    """Continuations (greedy unless ``do_sample=True`` is passed) of already templated ``prompts``: texts and
+    token ids."""
+    options.setdefault("do_sample", False)
+    texts, ids = [], []
+    for start in range(0, len(prompts), batch_size):
+        inputs = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                           add_special_tokens=False)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             **options)
+        for row in out[:, inputs["input_ids"].shape[1]:]:
+            row = [t for t in row.tolist() if t != tokenizer.pad_token_id]
+            ids.append(row)
+            texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts, ids
+
+
+def contrast_texts() -> dict[str, list[str]]:
+    return json.loads((ASSETS / "contrast.json").read_text())
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace the ``effects:name`` section of RESULTS.md (between its markers), or append it."""
+    start, end = f"<!-- effects:{name} -->", f"<!-- /effects:{name} -->"
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
+
+
+def provenance(quick: bool) -> str:
+    return (f"Machine: {platform.machine()}, {torch.get_num_threads()} threads; {datetime.date.today().isoformat()}; "
+            f"command: `python benchmarks/effects/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`"
+            + (" (quick mode: fewer prompts, shorter runs)" if quick else ""))
+
+
+__all__ = ["ASSETS", "OUT", "chat_prompts", "contrast_texts", "generate", "has_english", "has_loop", "is_french",
+           "language_scores", "load_model", "load_saes", "perplexity", "provenance", "write_section"]

