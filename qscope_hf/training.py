@@ -210,8 +210,8 @@ class SAETrainer:
             fired[indices[values > 0].cpu()] = True
             self.since_fired[layer] += len(x)
             self.since_fired[layer][fired] = 0
-        return {"fvu": float(fvu.detach()), "aux": float(aux.detach()), "l0": float((values > 0).sum(-1).float().mean()),
-                "dead": float(dead.float().mean())}
+        return {"fvu": float(fvu.detach()), "aux": float(aux.detach()),
+                "l0": float((values > 0).sum(-1).float().mean()), "dead": float(dead.float().mean())}
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def fit(self, data: datasets.Dataset | Sequence[str], out_dir: str | Path | None = None, *,
