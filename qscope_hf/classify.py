@@ -24,10 +24,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from .discovery import Corpus, as_dataset, text_batches
-from .hooks import check_sae_fits, layer_outputs
+from .corpus import Corpus, layer_batches
+from .hooks import check_sae_fits
 from .sae import SparseAutoencoder
 
 
@@ -57,23 +56,16 @@ def collect_text_features(model: nn.Module, tokenizer: Any, saes: SparseAutoenco
     """One forward per batch for every SAE's layer; see :class:`TextFeatures`."""
     saes = [saes] if isinstance(saes, SparseAutoencoder) else list(saes)
     layers = [check_sae_fits(model, sae) for sae in saes]
-    dataset = as_dataset(data, text_column)
-    device = next(model.parameters()).device
     fired = {layer: [] for layer in layers}
     peak = {layer: [] for layer in layers}
     pooled = {layer: [] for layer in layers}
-    bar = tqdm(total=len(dataset), desc="text features", unit="text", disable=not progress)
-    for _, batch in text_batches(dataset, batch_size):
-        texts = batch[text_column]
-        inputs = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-        inputs = {key: value.to(device) for key, value in inputs.items()}
-        captured = layer_outputs(model, layers, **inputs)
-        real = inputs["attention_mask"].bool()
-        valid = real & ((real.long().cumsum(1) > 1) | (not skip_first))
+    for batch in layer_batches(model, tokenizer, layers, data, text_column=text_column, batch_size=batch_size,
+                               max_length=max_length, progress=progress, desc="text features"):
+        valid = batch.counted(skip_first)
         for sae, layer in zip(saes, layers):
-            hidden = captured[layer].to(sae.device, sae.dtype)
+            hidden = batch.hidden[layer].to(sae.device, sae.dtype)
             values, indices = sae.encode_topk(hidden)
-            for row in range(len(texts)):
+            for row in range(len(valid)):
                 keep = valid[row].to(sae.device)
                 vals, idx = values[row][keep].flatten(), indices[row][keep].flatten()
                 positive = vals > 0
@@ -84,8 +76,6 @@ def collect_text_features(model: nn.Module, tokenizer: Any, saes: SparseAutoenco
                 peak[layer].append(best.cpu())
                 mask = keep[:, None].to(hidden.dtype)
                 pooled[layer].append(((hidden[row] * mask).sum(0) / mask.sum().clamp(min=1)).float().cpu())
-        bar.update(len(texts))
-    bar.close()
     return TextFeatures(fired, peak, {layer: torch.stack(p) for layer, p in pooled.items()},
                         {layer: sae.d_sae for sae, layer in zip(saes, layers)})
 

@@ -8,15 +8,15 @@ difference of firing rates (or mean activations) between two corpora and suggest
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from .corpus import Corpus, as_dataset, layer_batches
 from .hooks import check_sae_fits, layer_outputs
 from .sae import SparseAutoencoder
 
@@ -24,9 +24,6 @@ from .sae import SparseAutoencoder
 #: to use without comparison data (the Qwen-Scope demo's presets; the percentage-point reading is ours).
 CONTRAST_MULTIPLIERS = (0.5, 2.0, 10.0)
 DEFAULT_STRENGTHS = (5.0, 20.0, 100.0)
-
-Corpus = Sequence[str] | datasets.Dataset
-
 
 @dataclass
 class FeatureContext:
@@ -146,26 +143,6 @@ class _Accumulator:
                             self.top_docs, self.top_positions, tokenizer=tokenizer)
 
 
-def as_dataset(data: Corpus, text_column: str) -> datasets.Dataset:
-    """Texts (a list, one string, or a ``datasets.Dataset`` with ``text_column``) as a non-empty Dataset."""
-    if isinstance(data, datasets.Dataset):
-        if text_column not in data.column_names:
-            raise KeyError(f"text column {text_column!r} not in the dataset (columns: {data.column_names})")
-        return data
-    texts = [data] if isinstance(data, str) else list(data)
-    if not texts:
-        raise ValueError("no texts to analyse")
-    return datasets.Dataset.from_dict({text_column: texts})
-
-
-def text_batches(data: datasets.Dataset, batch_size: int) -> Iterator[tuple[int, dict[str, list]]]:
-    """``(index of the first row, batch)`` over ``data`` in order."""
-    start = 0
-    for batch in data.iter(batch_size=batch_size):
-        yield start, batch
-        start += len(next(iter(batch.values())))
-
-
 @torch.no_grad()
 def activation_stats(model: nn.Module, tokenizer: Any, saes: SparseAutoencoder | Iterable[SparseAutoencoder],
                      data: Corpus, *, text_column: str = "text", batch_size: int = 8, max_length: int = 256,
@@ -184,25 +161,17 @@ def activation_stats(model: nn.Module, tokenizer: Any, saes: SparseAutoencoder |
     dataset = as_dataset(data, text_column)
     excluded = torch.tensor(sorted(set(exclude_tokens or ())), dtype=torch.long)
     accumulators = [_Accumulator(sae, n_contexts) for sae in saes]
-    device = next(model.parameters()).device
-    bar = tqdm(total=len(dataset), desc="activation stats", unit="text", disable=not progress)
-    for start, batch in text_batches(dataset, batch_size):
-        texts = batch[text_column]
-        inputs = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-        inputs = {key: value.to(device) for key, value in inputs.items()}
-        captured = layer_outputs(model, layers, **inputs)
-        real = inputs["attention_mask"].bool()
-        positions = real.long().cumsum(1) - 1
-        valid = real & ~((positions == 0) & skip_first)
+    for batch in layer_batches(model, tokenizer, layers, dataset, text_column=text_column, batch_size=batch_size,
+                               max_length=max_length, progress=progress, desc="activation stats"):
+        valid = batch.counted(skip_first)
         if excluded.numel():
-            valid &= ~torch.isin(inputs["input_ids"], excluded.to(device))
-        docs = torch.arange(start, start + len(texts), device=device)
+            valid &= ~torch.isin(batch.inputs["input_ids"], excluded.to(valid.device))
+        docs = torch.arange(batch.start, batch.start + len(valid))
         for accumulator, layer in zip(accumulators, layers):
             sae = accumulator.sae
-            values, indices = sae.encode_topk(captured[layer].to(sae.device, sae.dtype))
-            accumulator.add(values, indices, valid.to(sae.device), docs.to(sae.device), positions.to(sae.device))
-        bar.update(len(texts))
-    bar.close()
+            values, indices = sae.encode_topk(batch.hidden[layer].to(sae.device, sae.dtype))
+            accumulator.add(values, indices, valid.to(sae.device), docs.to(sae.device),
+                            batch.positions.to(sae.device))
     stats = {layer: acc.result(tokenizer) for layer, acc in zip(layers, accumulators)}
     referenced = sorted({d for s in stats.values() for d in s.top_docs[s.top_docs >= 0].unique().tolist()})
     for doc in referenced:
@@ -331,22 +300,16 @@ def estimate_language_baselines(model: nn.Module, tokenizer: Any, saes: SparseAu
         raise KeyError(f"language column {language_column!r} not in the dataset (columns: {dataset.column_names})")
     sums: dict[tuple[int, str], Tensor] = {}
     counts: dict[str, int] = {}
-    device = next(model.parameters()).device
-    bar = tqdm(total=len(dataset), desc="language baselines", unit="text", disable=not progress)
-    for _, batch in text_batches(dataset, batch_size):
-        inputs = tokenizer(batch[text_column], return_tensors="pt", padding=True, truncation=True,
-                           max_length=max_length).to(device)
-        captured = layer_outputs(model, list(features), **inputs)
-        real = inputs["attention_mask"].bool()
-        valid = real & (real.long().cumsum(1) > 1)
-        for row, lang in enumerate(batch[language_column]):
+    for batch in layer_batches(model, tokenizer, list(features), dataset, text_column=text_column,
+                               batch_size=batch_size, max_length=max_length, progress=progress,
+                               desc="language baselines"):
+        valid = batch.counted(skip_first=True)
+        for row, lang in enumerate(batch.rows[language_column]):
             counts[lang] = counts.get(lang, 0) + int(valid[row].sum())
             for layer, sae in ((layer, saes[layer]) for layer in features):
-                pre = sae.pre_acts(captured[layer][row][valid[row]].to(sae.device, sae.dtype), index[layer])
+                pre = sae.pre_acts(batch.hidden[layer][row][valid[row]].to(sae.device, sae.dtype), index[layer])
                 key = (layer, lang)
                 sums[key] = sums.get(key, 0) + pre.double().sum(0).cpu()
-        bar.update(len(batch[text_column]))
-    bar.close()
     return {layer: {lang: dict(zip(index[layer].tolist(), (sums[(layer, lang)] / max(counts[lang], 1)).tolist()))
                     for lang in sorted(counts)} for layer in features}
 

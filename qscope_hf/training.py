@@ -234,21 +234,42 @@ class SAETrainer:
         for batch in self._batches(dataset):
             if self.tokens >= config.total_tokens:
                 break
-            metrics = {layer: self._step(layer, batch[:, i]) for i, layer in enumerate(config.layers)}
-            self.step += 1
-            self.tokens += len(batch)
-            bar.update(len(batch))
-            if self.step % config.log_every == 0 or self.tokens >= config.total_tokens:
-                self.history.append({"step": self.step, "tokens": self.tokens,
-                                     **{f"L{layer}/{k}": v for layer, m in metrics.items() for k, v in m.items()}})
-                bar.set_postfix({f"L{layer}": f"fvu {m['fvu']:.3f} l0 {m['l0']:.0f} dead {m['dead']:.2f}"
-                                 for layer, m in metrics.items()})
+            self._train_batch(batch, bar)
             if out is not None and config.checkpoint_every and self.step % config.checkpoint_every == 0:
                 self.save_checkpoint(out / CHECKPOINT)
         bar.close()
         if out is not None:
             self.save(out)
         return self.saes
+
+    def fit_activations(self, activations: Tensor, *, epochs: int = 1,
+                        progress: bool = True) -> dict[int, SparseAutoencoder]:
+        """Train on cached activations ``[N, len(layers), d_model]`` (reshuffled every epoch) instead of text."""
+        expected = (len(self.config.layers), self.d_model)
+        if activations.dim() != 3 or tuple(activations.shape[1:]) != expected:
+            raise ValueError(f"activations must be [N, {expected[0]}, {expected[1]}], got {tuple(activations.shape)}")
+        batch = self.config.batch_tokens
+        bar = tqdm(total=epochs * (len(activations) // batch) * batch, unit="tok", desc="train SAEs",
+                   disable=not progress)
+        for _ in range(epochs):
+            order = torch.randperm(len(activations), generator=self.shuffle)
+            for start in range(0, len(activations) - batch + 1, batch):
+                self._train_batch(activations[order[start:start + batch]].to(self.dtype), bar)
+        bar.close()
+        return self.saes
+
+    def _train_batch(self, batch: Tensor, bar: tqdm) -> None:
+        """One step of every SAE on ``batch [batch_tokens, layers, d]``; logs every ``log_every`` steps."""
+        config = self.config
+        metrics = {layer: self._step(layer, batch[:, i]) for i, layer in enumerate(config.layers)}
+        self.step += 1
+        self.tokens += len(batch)
+        bar.update(len(batch))
+        if self.step % config.log_every == 0 or self.tokens >= config.total_tokens:
+            self.history.append({"step": self.step, "tokens": self.tokens,
+                                 **{f"L{layer}/{k}": v for layer, m in metrics.items() for k, v in m.items()}})
+            bar.set_postfix({f"L{layer}": f"fvu {m['fvu']:.3f} l0 {m['l0']:.0f} dead {m['dead']:.2f}"
+                             for layer, m in metrics.items()})
 
     # -- persistence ------------------------------------------------------------------------------------------
     def save(self, out_dir: str | Path) -> Path:
@@ -307,42 +328,48 @@ def evaluate_saes(model: nn.Module, tokenizer: Any, saes: Sequence[SparseAutoenc
     """Held-out metrics per SAE layer: ``fvu``, ``explained`` (1 − FVU), ``l0``, ``dead`` (fraction of latents that
     never fire), and next-token losses ``ce_clean`` / ``ce_spliced`` (SAE reconstruction in place of the layer
     output on every token but each text's first) / ``ce_zero`` (that output zeroed) with ``loss_recovered`` =
-    ``(ce_zero − ce_spliced) / (ce_zero − ce_clean)`` and ``ce_increase`` = ``ce_spliced / ce_clean − 1``."""
+    ``(ce_zero − ce_spliced) / (ce_zero − ce_clean)`` and ``ce_increase`` = ``ce_spliced / ce_clean − 1``.
+
+    Per batch: one forward reads every SAE's layer, one gives the clean loss, two per SAE the spliced and zeroed
+    losses."""
     device = next(model.parameters()).device
-    results = {}
-    for sae in saes:
-        sums = {"err": 0.0, "sq": 0.0, "sum": None, "n": 0, "l0": 0.0}
-        fired = torch.zeros(sae.d_sae, dtype=torch.bool)
-        ce = {"clean": [0.0, 0], "spliced": [0.0, 0], "zero": [0.0, 0]}
-        for start in range(0, len(texts), batch_size):
-            inputs = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
-                               truncation=True, max_length=context_length).to(device)
-            real = inputs["attention_mask"].bool()
-            keep = real & (real.long().cumsum(1) > 1)
-            hidden = layer_outputs(model, [sae.layer], **inputs)[sae.layer]
-            x = hidden[keep].to(sae.device, sae.dtype)
+    layers = [sae.layer for sae in saes]
+    sums = {layer: {"err": 0.0, "sq": 0.0, "sum": 0.0, "n": 0, "l0": 0.0} for layer in layers}
+    fired = {sae.layer: torch.zeros(sae.d_sae, dtype=torch.bool) for sae in saes}
+    ce = {(layer, name): 0.0 for layer in layers for name in ("spliced", "zero")}
+    clean, tokens = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        inputs = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
+                           truncation=True, max_length=context_length).to(device)
+        real = inputs["attention_mask"].bool()
+        keep = real & (real.long().cumsum(1) > 1)
+        labels = inputs["input_ids"].masked_fill(~real, -100)
+        count = int((labels[:, 1:] != -100).sum())
+        tokens += count
+        clean += float(model(**inputs, labels=labels).loss) * count
+        captured = layer_outputs(model, layers, **inputs)
+        for sae in saes:
+            x = captured[sae.layer][keep].to(sae.device, sae.dtype)
             values, indices = sae.encode_topk(x)
-            recon = sae.decode_topk(values, indices)
-            sums["err"] += float((recon - x).double().pow(2).sum())
-            sums["sq"] += float(x.double().pow(2).sum())
-            sums["sum"] = x.double().sum(0) if sums["sum"] is None else sums["sum"] + x.double().sum(0)
-            sums["n"] += len(x)
-            sums["l0"] += float((values > 0).sum())
-            fired[indices[values > 0].cpu()] = True
-            labels = inputs["input_ids"].masked_fill(~real, -100)
-            for name in ("clean", "spliced", "zero"):
-                edits = {} if name == "clean" else {sae.layer: _replacement(sae, keep, name)}
-                with hook_layers(model, edits):
-                    loss = model(**inputs, labels=labels).loss
-                tokens = int((labels[:, 1:] != -100).sum())
-                ce[name][0] += float(loss) * tokens
-                ce[name][1] += tokens
-        n = sums["n"]
-        total_var = sums["sq"] - float((sums["sum"] ** 2).sum()) / n
-        fvu = sums["err"] / total_var
-        clean, spliced, zero = (ce[name][0] / ce[name][1] for name in ("clean", "spliced", "zero"))
-        results[sae.layer] = {"fvu": fvu, "explained": 1 - fvu, "l0": sums["l0"] / n,
-                              "dead": float((~fired).float().mean()), "ce_clean": clean, "ce_spliced": spliced,
-                              "ce_zero": zero, "loss_recovered": (zero - spliced) / (zero - clean),
-                              "ce_increase": spliced / clean - 1, "tokens": n}
+            part = sums[sae.layer]
+            part["err"] += float((sae.decode_topk(values, indices) - x).double().pow(2).sum())
+            part["sq"] += float(x.double().pow(2).sum())
+            part["sum"] = part["sum"] + x.double().sum(0)
+            part["n"] += len(x)
+            part["l0"] += float((values > 0).sum())
+            fired[sae.layer][indices[values > 0].cpu()] = True
+            for name in ("spliced", "zero"):
+                with hook_layers(model, {sae.layer: _replacement(sae, keep, name)}):
+                    ce[(sae.layer, name)] += float(model(**inputs, labels=labels).loss) * count
+    results = {}
+    ce_clean = clean / tokens
+    for layer in layers:
+        part = sums[layer]
+        n = part["n"]
+        fvu = part["err"] / (part["sq"] - float((part["sum"] ** 2).sum()) / n)
+        spliced, zero = ce[(layer, "spliced")] / tokens, ce[(layer, "zero")] / tokens
+        results[layer] = {"fvu": fvu, "explained": 1 - fvu, "l0": part["l0"] / n,
+                          "dead": float((~fired[layer]).float().mean()), "ce_clean": ce_clean, "ce_spliced": spliced,
+                          "ce_zero": zero, "loss_recovered": (zero - spliced) / (zero - ce_clean),
+                          "ce_increase": spliced / ce_clean - 1, "tokens": n}
     return results

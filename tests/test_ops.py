@@ -249,3 +249,13 @@ def test_bad_input_errors():
         ops.topk_encode(x, W, b, 4, "jumprelu")
     with pytest.raises(IndexError, match=r"must lie in \[0, d_sae=64\)"):
         ops.sparse_decode(torch.ones(3, 2), torch.tensor([[0, 64]] * 3), torch.zeros(16, 64), torch.zeros(16))
+
+
+def test_triton_threshold_counts_ties():
+    """Sampled pre-activations with many equal values (bf16-like) still give a threshold that the expected number
+    of latents exceed: the k-th largest counts ties."""
+    triton_kernels = dispatch.triton_module()
+    values = on("triton", torch.tensor([[3.0, 3.0, 3.0, 3.0, 2.0, 1.0, 1.0, 0.5]]))
+    out = on("triton", torch.empty(1))
+    triton_kernels._kth_largest_kernel[(1,)](values, out, 1, 8, 8, 5, ROWS=1, BLOCK=8)
+    assert float(out[0]) == 2.0  # the 5th largest with ties, not the 5th distinct value

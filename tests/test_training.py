@@ -140,3 +140,16 @@ def test_bad_training_configuration():
         SAETrainer(tiny_model("qwen3"), tiny_tokenizer(), config(layers=[9]))
     with pytest.raises(ValueError, match="no tokens"):
         SAETrainer(tiny_model("qwen3"), tiny_tokenizer(), config()).fit(["", ""], progress=False)
+
+
+def test_training_on_cached_activations():
+    model, tokenizer = tiny_model("qwen3"), tiny_tokenizer()
+    acts = layer_outputs(model, [1, 2], **tokenizer(texts(300), return_tensors="pt", padding=True))
+    mask = tokenizer(texts(300), return_tensors="pt", padding=True)["attention_mask"].bool()
+    cached = torch.stack([acts[1][mask], acts[2][mask]], dim=1)  # [N, 2, 64]
+    trainer = SAETrainer(model, tokenizer, config())
+    trainer.fit_activations(cached, epochs=3, progress=False)
+    assert trainer.step == 3 * (len(cached) // 256)
+    assert trainer.history[-1]["L1/fvu"] < 0.5 * trainer.history[0]["L1/fvu"]
+    with pytest.raises(ValueError, match=r"activations must be \[N, 2, 64\]"):
+        trainer.fit_activations(cached[:, :1])

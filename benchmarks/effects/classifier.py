@@ -15,7 +15,7 @@ import json
 import random
 
 import torch
-from common import OUT, chat_prompts, generate, load_model, load_saes, provenance, write_section
+from common import add_output_options, chat_prompts, generate, load_model, load_saes, provenance, write_section
 
 from qscope_hf.classify import (
     collect_text_features,
@@ -54,6 +54,7 @@ def corpus(model, tokenizer, per_prompt: int, seed: int) -> tuple[list[str], lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    add_output_options(parser)
     parser.add_argument("--top-k", type=int, default=5)
     args = parser.parse_args()
     model, tokenizer = load_model()
@@ -74,9 +75,9 @@ def main() -> None:
                                   top_k=args.top_k)
     for name, value in scores.items():
         print(f"{name}: F1 {value:.3f}", flush=True)
-    OUT.mkdir(exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     tag = "quick" if args.quick else "full"
-    (OUT / f"effects_classifier_{tag}.json").write_text(json.dumps(
+    (args.results / f"effects_classifier_{tag}.json").write_text(json.dumps(
         {"texts": len(texts), "fit": half, "features": sae_rule.features, "f1": scores, "curve": curve}, indent=2))
     best = max(scores, key=scores.get)
     table = "\n".join(f"| {name} | {value:.3f} |" for name, value in scores.items())
@@ -92,7 +93,7 @@ def main() -> None:
 {table}
 
 {verdict} SAE rule F1 against the fraction of fitting data used: {points}.
-""")
+""", not args.no_write)
 
 
 if __name__ == "__main__":

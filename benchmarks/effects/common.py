@@ -102,8 +102,16 @@ def contrast_texts() -> dict[str, list[str]]:
     return json.loads((ASSETS / "contrast.json").read_text())
 
 
-def write_section(name: str, body: str) -> None:
+def add_output_options(parser) -> None:
+    """``--results DIR`` (JSON and plots; default benchmarks/results) and ``--no-write`` (leave RESULTS.md alone)."""
+    parser.add_argument("--results", type=Path, default=OUT, help="where the JSON and plots go")
+    parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+
+
+def write_section(name: str, body: str, enabled: bool = True) -> None:
     """Replace the ``effects:name`` section of RESULTS.md (between its markers), or append it."""
+    if not enabled:
+        return
     start, end = f"<!-- effects:{name} -->", f"<!-- /effects:{name} -->"
     text = RESULTS.read_text() if RESULTS.exists() else ""
     block = f"{start}\n{body.rstrip()}\n{end}"
@@ -120,5 +128,6 @@ def provenance(quick: bool) -> str:
             + (" (quick mode: fewer prompts, shorter runs)" if quick else ""))
 
 
-__all__ = ["ASSETS", "OUT", "chat_prompts", "contrast_texts", "generate", "has_english", "has_loop", "is_french",
-           "language_scores", "load_model", "load_saes", "perplexity", "provenance", "write_section"]
+__all__ = ["ASSETS", "OUT", "add_output_options", "chat_prompts", "contrast_texts", "generate", "has_english",
+           "has_loop", "is_french", "language_scores", "load_model", "load_saes", "perplexity", "provenance",
+           "write_section"]

@@ -24,7 +24,16 @@ import statistics
 import tempfile
 
 import torch
-from common import OUT, chat_prompts, generate, has_loop, load_model, load_saes, provenance, write_section
+from common import (
+    add_output_options,
+    chat_prompts,
+    generate,
+    has_loop,
+    load_model,
+    load_saes,
+    provenance,
+    write_section,
+)
 from datasets import Dataset
 from peft import LoraConfig
 from trl import GRPOConfig, GRPOTrainer
@@ -73,6 +82,7 @@ def train(condition: str, prompts: list[str], sae, features, seed: int, steps: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    add_output_options(parser)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     args = parser.parse_args()
@@ -105,9 +115,9 @@ def main() -> None:
             print(f"{condition}, seed {seed}: {results[condition][-1]}", flush=True)
     summary = {name: {"repeat_ratio": statistics.mean(r["repeat_ratio"] for r in rs),
                       "task_reward": statistics.mean(r["task_reward"] for r in rs)} for name, rs in results.items()}
-    OUT.mkdir(exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     tag = "quick" if args.quick else "full"
-    (OUT / f"effects_repetition_{tag}.json").write_text(json.dumps(
+    (args.results / f"effects_repetition_{tag}.json").write_text(json.dumps(
         {"layer": sae.layer, "features": features, "looping_seed_outputs": len(looping), "steps": steps,
          "seeds": seeds, "results": results, "summary": summary}, indent=2, ensure_ascii=False))
     rows = "\n".join(f"| {name} | {s['repeat_ratio']:.2f} | {s['task_reward']:.3f} |" for name, s in summary.items())
@@ -127,7 +137,7 @@ features {features[:4]}… at layer {sae.layer} (from {len(looping)} looping out
 
 {verdict} {len(held_starts)} prompts and {len(seeds)} seeds are a small sample: differences of one or two
 completions are within noise.
-""")
+""", not args.no_write)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import tempfile
 
 import torch
 from common import (
-    OUT,
+    add_output_options,
     chat_prompts,
     contrast_texts,
     generate,
@@ -103,6 +103,7 @@ def completion_loss(model, tokenizer, data: Dataset) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    add_output_options(parser)
     parser.add_argument("--lam", type=float, default=0.05)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--top", type=int, default=16, help="English features penalised per layer")
@@ -142,9 +143,9 @@ def main() -> None:
     plain, penalised = summary["plain LoRA SFT"], summary["LoRA SFT + SAE penalty"]
     reduction = 1 - penalised["code_switching"] / plain["code_switching"] if plain["code_switching"] else 0.0
     loss_change = penalised["held_out_loss"] / plain["held_out_loss"] - 1
-    OUT.mkdir(exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     tag = "quick" if args.quick else "full"
-    (OUT / f"effects_sasft_{tag}.json").write_text(json.dumps(
+    (args.results / f"effects_sasft_{tag}.json").write_text(json.dumps(
         {"lam": args.lam, "steps": steps, "seeds": seeds, "features": english, "runs": runs, "summary": summary,
          "reduction": reduction, "loss_change": loss_change}, indent=2, ensure_ascii=False))
     rows = "\n".join(f"| {name} | {r['seed']} | {r['code_switching']:.2f} | {r['held_out_loss']:.4f} |"
@@ -161,7 +162,7 @@ def main() -> None:
 
 Mean code-switching {plain['code_switching']:.2f} → {penalised['code_switching']:.2f} ({reduction:+.0%} fewer), held-out
 loss change {loss_change:+.2%}. Target (≥ 50 % fewer at ≤ 2 % loss change): {"met" if met else "not met"}.
-""")
+""", not args.no_write)
 
 
 if __name__ == "__main__":

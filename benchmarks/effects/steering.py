@@ -23,7 +23,7 @@ import random
 
 import torch
 from common import (
-    OUT,
+    add_output_options,
     chat_prompts,
     contrast_texts,
     generate,
@@ -65,6 +65,7 @@ def mean_residual(model, tokenizer, layer: int, texts: list[str]) -> torch.Tenso
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    add_output_options(parser)
     parser.add_argument("--layer", type=int, default=None)
     args = parser.parse_args()
     model, tokenizer = load_model()
@@ -121,14 +122,14 @@ def main() -> None:
                       "perplexity": perplexity(model, tokenizer, prompts, texts)})
         print(f"sweep {value}: {sweep[-1]}", flush=True)
 
-    OUT.mkdir(exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     tag = "quick" if args.quick else "full"
     record = {"layer": sae.layer, "french_feature": french.feature, "english_feature": english.feature,
               "rate_fr": french.rate_a, "rate_en": french.rate_b, "strength": strength, "clamp_target": clamp_target,
               "random_feature": random_feature, "prompts": len(asked), "new_tokens": new_tokens,
               "conditions": results, "sweep": sweep}
-    (OUT / f"effects_steering_{tag}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
-    plot = OUT / f"effects_steering_sweep_{tag}.png"
+    (args.results / f"effects_steering_{tag}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
+    plot = args.results / f"effects_steering_sweep_{tag}.png"
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,7 +166,7 @@ def main() -> None:
 {verdict} Strength sweep: `results/{plot.name}`.
 
 ![strength sweep](results/{plot.name})
-""")
+""", not args.no_write)
 
 
 if __name__ == "__main__":

@@ -123,17 +123,19 @@ def _encode_candidates_kernel(
 @triton.jit
 def _kth_largest_kernel(x_ptr, out_ptr, n_rows, n_cols, stride, kth,
                         ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """``kth`` largest distinct value of each row: ``kth`` rounds of max-and-remove (kth is small)."""
+    """``kth`` largest value of each row, ties counted (values are packed with their column into unique keys, so
+    each of the ``kth`` max-and-remove rounds removes exactly one element)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     values = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], mask=mask,
                      other=float("-inf")).to(tl.float32)
-    best = tl.max(values, axis=1)
+    keys = tl.where(mask, _pack_keys(values, cols[None, :]), -9223372036854775808)
+    best = tl.max(keys, axis=1)
     for _ in range(1, kth):
-        values = tl.where(values == best[:, None], float("-inf"), values)
-        best = tl.max(values, axis=1)
-    tl.store(out_ptr + rows, best, mask=rows < n_rows)
+        keys = tl.where(keys == best[:, None], -9223372036854775808, keys)
+        best = tl.max(keys, axis=1)
+    tl.store(out_ptr + rows, _unpack_keys(best)[0], mask=rows < n_rows)
 
 
 @triton.jit

@@ -1,0 +1,73 @@
+"""Streaming a text corpus through a model's layers: what statistics, classifiers and footprints all start from."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .hooks import layer_outputs
+
+Corpus = Sequence[str] | datasets.Dataset
+
+
+def as_dataset(data: Corpus, text_column: str) -> datasets.Dataset:
+    """Texts (a list, one string, or a ``datasets.Dataset`` with ``text_column``) as a non-empty Dataset."""
+    if isinstance(data, datasets.Dataset):
+        if text_column not in data.column_names:
+            raise KeyError(f"text column {text_column!r} not in the dataset (columns: {data.column_names})")
+        return data
+    texts = [data] if isinstance(data, str) else list(data)
+    if not texts:
+        raise ValueError("no texts to analyse")
+    return datasets.Dataset.from_dict({text_column: texts})
+
+
+def text_batches(data: datasets.Dataset, batch_size: int) -> Iterator[tuple[int, dict[str, list]]]:
+    """``(index of the first row, batch)`` over ``data`` in order."""
+    start = 0
+    for batch in data.iter(batch_size=batch_size):
+        yield start, batch
+        start += len(next(iter(batch.values())))
+
+
+@dataclass
+class LayerBatch:
+    """One batch of texts after the forward: ``hidden[layer] [B, T, d]``, ``real [B, T]`` (not padding),
+    ``positions [B, T]`` (0 at each text's first real token), and the rows of the dataset it holds."""
+
+    start: int
+    rows: dict[str, list]
+    inputs: dict[str, Tensor]
+    hidden: dict[int, Tensor]
+    real: Tensor
+    positions: Tensor
+
+    def counted(self, skip_first: bool) -> Tensor:
+        """``[B, T]`` real tokens, minus each text's first when ``skip_first``."""
+        return self.real & (self.positions > 0) if skip_first else self.real
+
+
+def layer_batches(model: nn.Module, tokenizer: Any, layers: Iterable[int], data: Corpus, *, text_column: str = "text",
+                  batch_size: int = 8, max_length: int = 256, progress: bool = True,
+                  desc: str = "forward") -> Iterator[LayerBatch]:
+    """Tokenize ``data`` in batches and read ``layers`` from one forward per batch (stopped after the last)."""
+    dataset = as_dataset(data, text_column)
+    layers = list(layers)
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(dataset), desc=desc, unit="text", disable=not progress)
+    try:
+        for start, rows in text_batches(dataset, batch_size):
+            inputs = tokenizer(rows[text_column], return_tensors="pt", padding=True, truncation=True,
+                               max_length=max_length)
+            inputs = {key: value.to(device) for key, value in inputs.items()}
+            hidden = layer_outputs(model, layers, **inputs)
+            real = inputs["attention_mask"].bool()
+            yield LayerBatch(start, rows, inputs, hidden, real, real.long().cumsum(1) - 1)
+            bar.update(len(rows[text_column]))
+    finally:
+        bar.close()
