@@ -23,7 +23,7 @@ from .steering import (
     SteeringSession,
     disable_steering,
     enable_steering,
-    steering,
+    steered,
 )
 
 __all__ = [
@@ -35,7 +35,7 @@ __all__ = [
     "SteeringSession",
     "disable_steering",
     "enable_steering",
-    "steering",
+    "steered",
     "Release",
     "SAEConfig",
     "SparseAutoencoder",

@@ -14,13 +14,15 @@ from collections.abc import Callable
 
 import torch
 
-from .discovery import activation_stats, contrast_features
+from .discovery import activation_stats, contrast_features, residual_norm
 from .hooks import check_sae_fits, layer_outputs
 from .sae import SparseAutoencoder
 from .steering import SAELogitsProcessor, Steering
 from .tiny import tiny_model, tiny_sae, tiny_tokenizer
 
 CONTRAST_TEXTS = 24
+#: Steering strength as a fraction of the residual stream's median norm at the SAE's layer.
+STRENGTH_OF_NORM = 0.6
 
 
 def fraction_of_variance_unexplained(x: torch.Tensor, reconstruction: torch.Tensor) -> float:
@@ -81,8 +83,9 @@ def contrast_demo(model, tokenizer, sae: SparseAutoencoder, prompt: str, contras
     for r in rows[:5]:
         echo(f"  #{r.feature:<5d} {r.rate_a:.2f} / {r.rate_b:.2f}")
     best = rows[0]
-    strength = best.strengths[1]
-    spec = Steering(sae, best.feature, strength)
+    norm = residual_norm(model, tokenizer, layer, french + english)
+    strength = STRENGTH_OF_NORM * norm
+    spec = Steering(sae, best.feature, strength, positions="generated")
     chat = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                          return_tensors="pt", return_dict=True) \
         if tokenizer.chat_template else tokenizer(prompt, return_tensors="pt")
@@ -93,8 +96,8 @@ def contrast_demo(model, tokenizer, sae: SparseAutoencoder, prompt: str, contras
     texts = {name: tokenizer.decode(out[0, start:], skip_special_tokens=True) for name, out in
              (("unsteered", plain), ("steered", steered))}
     echo(f"\ngeneration, unsteered:\n  {texts['unsteered']!r}")
-    echo(f"steered with feature #{best.feature} at strength {strength:.1f} (2 x the rate difference in points):\n"
-         f"  {texts['steered']!r}")
+    echo(f"steered with feature #{best.feature} on the generated tokens at strength {strength:.0f} "
+         f"({STRENGTH_OF_NORM} x the residual stream's median norm {norm:.0f}):\n  {texts['steered']!r}")
     return {"feature": best.feature, "strength": strength, **texts}
 
 

@@ -345,3 +345,14 @@ def repetition_features(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder
     rise = total / pairs
     order = rise.argsort(descending=True, stable=True)[:top]
     return [(int(f), float(rise[f])) for f in order]
+
+
+@torch.no_grad()
+def residual_norm(model: nn.Module, tokenizer: Any, layer: int, data: Corpus, *, text_column: str = "text",
+                  batch_size: int = 8, max_length: int = 256) -> float:
+    """Median norm of the residual stream after ``layer`` over ``data`` (first tokens excluded): the scale a
+    steering vector must be compared with (decoder columns have unit norm, so α is in these units)."""
+    norms = [batch.hidden[layer][batch.counted(skip_first=True)].float().norm(dim=-1).cpu()
+             for batch in layer_batches(model, tokenizer, [layer], data, text_column=text_column,
+                                        batch_size=batch_size, max_length=max_length, progress=False)]
+    return float(torch.cat(norms).median())

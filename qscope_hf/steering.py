@@ -7,7 +7,7 @@ also on exceptions:
 - ``SAELogitsProcessor(model, steerings)`` passed to a plain ``model.generate(..., logits_processor=[proc])``;
 - ``model.generate(**inputs, steering=spec)`` once :func:`enable_steering` (or :class:`SteeringGenerationMixin`)
   gave the model a ``steering=`` argument;
-- ``with steering(model, specs, attention_mask=...):`` around plain forwards.
+- ``with steered(model, specs, attention_mask=...):`` around plain forwards.
 
 A processor cannot see the prefill forward (transformers calls processors after it), so constructing one calls
 :func:`enable_steering` on the model instance: its class becomes a subclass, with the same name, whose
@@ -313,32 +313,6 @@ class SteeringSession:
             stack.close()
 
 
-def _prompt_of_generate(model: nn.Module, args: tuple, kwargs: dict) -> _Prompt:
-    """Real-token mask and token budget of a generate call, from its arguments (as transformers reads them)."""
-    if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
-        raise NotImplementedError("SAE steering does not support assisted generation")
-    input_ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
-    config = kwargs.get("generation_config") or unwrap_model(model).generation_config
-    if input_ids is None:
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            raise ValueError("steered generation needs input_ids or inputs_embeds")
-        shape = embeds.shape[:2]
-    else:
-        shape = input_ids.shape
-    mask = kwargs.get("attention_mask")
-    if mask is None:
-        pad = kwargs.get("pad_token_id", config.pad_token_id)
-        known = input_ids is not None and pad is not None
-        real = (input_ids != pad) if known else torch.ones(shape, dtype=torch.bool)
-    else:
-        real = mask.bool()
-    max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
-    if max_new is None:
-        max_new = kwargs.get("max_length", config.max_length) - shape[1]
-    return _Prompt(shape[0], real.cpu(), max(int(max_new), 0))
-
-
 class SAELogitsProcessor(LogitsProcessor):
     """Steer a ``model.generate`` call with SAE features; pass it in ``logits_processor=``.
 
@@ -358,30 +332,61 @@ class SAELogitsProcessor(LogitsProcessor):
         self.traces: list[FeatureTrace] = []
         enable_steering(model)
 
-    def session(self, model: nn.Module, args: tuple, kwargs: dict) -> SteeringSession:
-        """The session for one generate call with these arguments (validated now, before generation)."""
+    def session(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, *, expand: int = 1,
+                max_new_tokens: int = 0) -> SteeringSession:
+        """The session for one decoding loop over ``input_ids [B·expand, T]`` (prompts already repeated ``expand``
+        times for beams / return sequences), validated now, before the prefill."""
+        if len(input_ids) % expand:
+            raise ValueError(f"{len(input_ids)} rows are not {expand} copies of each prompt")
+        real = (attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool))
+        prompt = _Prompt(len(input_ids) // expand, real[::expand].cpu(), max(int(max_new_tokens), 0))
         self.traces = [FeatureTrace(sae, list(features)) for sae, features in self.trace_specs]
-        prompt = _prompt_of_generate(model, args, kwargs)
         return SteeringSession(model, self.steerings, self.rows, prompt, self.traces)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         return scores
 
 
+def _active(processors: Any) -> list[SAELogitsProcessor]:
+    return [p for p in processors or [] if isinstance(p, SAELogitsProcessor)]
+
+
 class SteeringGenerationMixin:
-    """Adds ``generate(..., steering=..., steering_rows=...)`` to a causal LM and activates every
-    :class:`SAELogitsProcessor` passed in ``logits_processor`` for exactly that call."""
+    """Adds ``generate(..., steering=..., steering_rows=...)`` to a causal LM, and opens a steering session for
+    every :class:`SAELogitsProcessor` in ``logits_processor`` around transformers' decoding loop (``_sample`` /
+    ``_beam_search``), which contains the prefill: so a processor works even when built inside the very
+    ``model.generate(...)`` call that uses it."""
 
     def generate(self, *args: Any, steering: Steering | Sequence[Steering] | None = None,
                  steering_rows: RowSpecs | None = None, **kwargs: Any) -> Any:
-        processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
         if steering is not None or steering_rows is not None:
+            processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
             processors.append(SAELogitsProcessor(self, steering, rows=steering_rows))
-        active = [p for p in processors if isinstance(p, SAELogitsProcessor)]
+            kwargs["logits_processor"] = processors
+        return super().generate(*args, **kwargs)
+
+    def _steered_loop(self, loop: Any, input_ids: Tensor, logits_processor: Any, generation_config: Any,
+                      **kwargs: Any) -> Any:
+        expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
         with ExitStack() as stack:
-            for processor in active:
-                stack.enter_context(processor.session(self, args, kwargs))
-            return super().generate(*args, logits_processor=processors, **kwargs)
+            for processor in _active(logits_processor):
+                stack.enter_context(processor.session(
+                    self, input_ids, kwargs.get("attention_mask"), expand=expand,
+                    max_new_tokens=generation_config.max_length - input_ids.shape[1]))
+            return loop(input_ids, logits_processor=logits_processor, generation_config=generation_config, **kwargs)
+
+    def _sample(self, input_ids: Tensor, logits_processor: Any = None, generation_config: Any = None,
+                **kwargs: Any) -> Any:
+        return self._steered_loop(super()._sample, input_ids, logits_processor, generation_config, **kwargs)
+
+    def _beam_search(self, input_ids: Tensor, logits_processor: Any = None, generation_config: Any = None,
+                     **kwargs: Any) -> Any:
+        return self._steered_loop(super()._beam_search, input_ids, logits_processor, generation_config, **kwargs)
+
+    def _assisted_decoding(self, *args: Any, logits_processor: Any = None, **kwargs: Any) -> Any:
+        if _active(logits_processor):
+            raise NotImplementedError("SAE steering does not support assisted generation")
+        return super()._assisted_decoding(*args, logits_processor=logits_processor, **kwargs)
 
 
 @cache
@@ -408,7 +413,7 @@ def disable_steering(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def steering(model: nn.Module, steerings: Steering | Sequence[Steering] | None = None, *,
+def steered(model: nn.Module, steerings: Steering | Sequence[Steering] | None = None, *,
              rows: RowSpecs | None = None, attention_mask: Tensor | None = None,
              batch_size: int | None = None) -> Iterator[SteeringSession]:
     """Steer plain forwards inside the block: each forward is a whole sequence (``"prompt"`` and ``"all"`` cover

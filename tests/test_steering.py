@@ -15,7 +15,7 @@ from qscope_hf import (
     decoder_layers,
     disable_steering,
     enable_steering,
-    steering,
+    steered,
 )
 from qscope_hf.tiny import tiny_model, tiny_sae
 
@@ -138,7 +138,7 @@ def test_prompt_positions_leave_generated_positions_unedited(model, tokenizer, s
     before, after = [], []
     first = layer.register_forward_hook(lambda m, i, out: before.append(out.detach()))
     try:
-        with torch.no_grad(), proc.session(model, (), {**inputs, "max_new_tokens": 5}):
+        with torch.no_grad(), proc.session(model, inputs.input_ids, inputs.attention_mask, max_new_tokens=5):
             second = layer.register_forward_hook(lambda m, i, out: after.append(out.detach()))
             try:
                 model.generate(**inputs, max_new_tokens=5, do_sample=False)
@@ -149,6 +149,18 @@ def test_prompt_positions_leave_generated_positions_unedited(model, tokenizer, s
     vector = 6.0 * sae.W_dec[:, 9].detach()
     torch.testing.assert_close(after[0] - before[0], inputs.attention_mask[..., None] * vector)
     assert len(after) == 5 and all(torch.equal(a, b) for a, b in zip(after[1:], before[1:]))
+
+
+def test_processor_built_inside_the_generate_call_is_in_force(tokenizer, sae):
+    """``model.generate(..., logits_processor=[SAELogitsProcessor(model, spec)])`` on a model never steered before:
+    Python looks ``model.generate`` up before the processor is built, and steering must still cover the prefill."""
+    fresh, reference = tiny_model("qwen3"), tiny_model("qwen3")
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    spec = Steering(sae, 9, 6.0)
+    inline = fresh.generate(**inputs, max_new_tokens=6, do_sample=False, output_logits=True,
+                            return_dict_in_generate=True, logits_processor=[SAELogitsProcessor(fresh, spec)])
+    expected = generate(reference, tokenizer, logits_processor=[SAELogitsProcessor(reference, spec)])
+    assert_same((inline.sequences, torch.stack(inline.logits, 1)), expected)
 
 
 def test_left_padded_rows_equal_the_row_alone(model, tokenizer, sae):
@@ -258,12 +270,12 @@ def test_trace_records_feature_activations(model, tokenizer, sae):
 def test_steering_context_for_plain_forwards(model, tokenizer, sae):
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     vector = 6.0 * sae.W_dec[:, 9].detach()
-    with steering(model, Steering(sae, 9, 6.0), attention_mask=inputs.attention_mask):
-        steered = model(**inputs).logits
+    with steered(model, Steering(sae, 9, 6.0), attention_mask=inputs.attention_mask):
+        logits = model(**inputs).logits
         again = model(**inputs).logits  # each forward is a whole sequence
     with torch.no_grad(), HandHook(model, lambda h, call: inputs.attention_mask[..., None] * vector):
         expected = model(**inputs).logits
-    torch.testing.assert_close(steered, expected)
+    torch.testing.assert_close(logits, expected)
     torch.testing.assert_close(again, expected)
     assert no_hooks(model)
 
