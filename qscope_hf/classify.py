@@ -186,13 +186,13 @@ class ProbeClassifier:
 
 
 def fit_diff_means(features: TextFeatures, labels: Sequence[Any], layer: int) -> ProbeClassifier:
-    """Direction = mean pooled residual of positives − of negatives; threshold halfway between the class means of
-    the projections."""
+    """Direction = mean pooled residual of positives − of negatives; threshold halfway between the class medians
+    of the projections (medians, so one text with an outlying residual cannot move the threshold past a class)."""
     y = _check_labels(labels, len(features))
     x = features.pooled[layer]
     direction = x[y].mean(0) - x[~y].mean(0)
     projected = x @ direction
-    return ProbeClassifier(layer, direction, -float(projected[y].mean() + projected[~y].mean()) / 2)
+    return ProbeClassifier(layer, direction, -float(projected[y].median() + projected[~y].median()) / 2)
 
 
 def fit_logistic_probe(features: TextFeatures, labels: Sequence[Any], layer: int, *, l2: float = 1e-3,

@@ -39,6 +39,8 @@ from peft import LoraConfig
 from trl import GRPOConfig, GRPOTrainer
 
 from qscope_hf import Steering
+from qscope_hf.demo import STRENGTH_OF_NORM
+from qscope_hf.discovery import residual_norm
 from qscope_trl import SteeredNegativeRollouts, repetition_features, repetition_reward
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -58,14 +60,14 @@ def distinct_ratio(completion_ids, **kwargs):
     return [len(set(ids)) / max(len(ids), 1) for ids in completion_ids]
 
 
-def train(condition: str, prompts: list[str], sae, features, seed: int, steps: int):
+def train(condition: str, prompts: list[str], sae, features, strength: float, seed: int, steps: int):
     model, tokenizer = load_model()
     rewards = [distinct_ratio]
     rollout = None
     if condition == "SAE-penalty reward":
         rewards.append(repetition_reward(model, tokenizer, sae, features[:8], weight=1.0))
     if condition == "steered negative rollout":
-        rollout = SteeredNegativeRollouts(Steering(sae, features[0], 24.0), count=1)
+        rollout = SteeredNegativeRollouts(Steering(sae, features[0], strength), count=1)
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, num_generations=4, per_device_train_batch_size=8,
                       max_completion_length=40, learning_rate=5e-5, seed=seed, use_cpu=True, bf16=False, report_to=[],
                       save_strategy="no", logging_steps=max(1, steps // 4), temperature=1.0)
@@ -96,6 +98,7 @@ def main() -> None:
     looping = [text for text, row in zip(outputs, ids) if has_loop(row)]
     degenerate = looping or [start + " " + " ".join([start] * 4) for start in STARTS[:4]]
     features = [f for f, _ in repetition_features(model, tokenizer, sae, degenerate, top=16)]
+    strength = STRENGTH_OF_NORM * residual_norm(model, tokenizer, sae.layer, outputs)
     held_prompts = chat_prompts(tokenizer, continuation_questions(held_starts))
     del model
 
@@ -110,7 +113,8 @@ def main() -> None:
     for condition in ("vanilla GRPO", "SAE-penalty reward", "steered negative rollout"):
         results[condition] = []
         for seed in seeds:
-            trained, _ = train(condition, continuation_questions(train_starts), sae, features, seed, steps)
+            trained, _ = train(condition, continuation_questions(train_starts), sae, features, strength,
+                                seed, steps)
             results[condition].append({"seed": seed, **evaluate(trained)})
             print(f"{condition}, seed {seed}: {results[condition][-1]}", flush=True)
     summary = {name: {"repeat_ratio": statistics.mean(r["repeat_ratio"] for r in rs),
@@ -118,7 +122,7 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     tag = "quick" if args.quick else "full"
     (args.results / f"effects_repetition_{tag}.json").write_text(json.dumps(
-        {"layer": sae.layer, "features": features, "looping_seed_outputs": len(looping), "steps": steps,
+        {"layer": sae.layer, "features": features, "steering_strength": strength, "looping_seed_outputs": len(looping), "steps": steps,
          "seeds": seeds, "results": results, "summary": summary}, indent=2, ensure_ascii=False))
     rows = "\n".join(f"| {name} | {s['repeat_ratio']:.2f} | {s['task_reward']:.3f} |" for name, s in summary.items())
     vanilla = summary["vanilla GRPO"]["repeat_ratio"]
@@ -129,7 +133,8 @@ def main() -> None:
     write_section(f"repetition-{tag}", f"""### Repetition: {steps} GRPO steps, {len(held_starts)} held-out prompts
 
 {provenance(args.quick)}. LoRA r=16 on q/v, 4 rollouts per prompt, 40 new tokens, seeds {seeds}; repetition
-features {features[:4]}… at layer {sae.layer} (from {len(looping)} looping outputs of the base model).
+features {features[:4]}… at layer {sae.layer} (from {len(looping)} looping outputs of the base model); the steered
+negative amplifies feature {features[0]} at strength {strength:.0f} ({STRENGTH_OF_NORM} × the median residual norm).
 
 | condition | completions with a loop | task reward (distinct-token share) |
 |---|---|---|

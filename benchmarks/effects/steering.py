@@ -11,8 +11,11 @@ contrast corpus) at the SAE's layer. Conditions, each over the same prompts, gre
   vector norm), the negative strength, a prompt-only instruction ("Answer in French."), and a difference-of-means
   vector (mean residual on French minus on English paragraphs) scaled to the SAE vector's norm.
 
+Strength is a fraction of the residual stream's median norm at the layer (``STRENGTH_OF_NORM``, as in the demo)
+and every vector is added on the generated tokens only, so the question itself is read unsteered.
+
 Success: the answer is mostly French (stop-word shares, see ``common.is_french``). Fluency cost: perplexity of
-the answers under the unsteered model. A strength sweep of ``add`` is plotted.
+the answers under the unsteered model. A strength sweep of ``add`` and of the mean difference is plotted.
 """
 
 from __future__ import annotations
@@ -35,14 +38,16 @@ from common import (
     write_section,
 )
 
-from qscope_hf import SAELogitsProcessor, Steering, add_to_layers, layer_outputs
-from qscope_hf.discovery import activation_stats, contrast_features
+from qscope_hf import SAELogitsProcessor, SparseAutoencoder, Steering, layer_outputs
+from qscope_hf.demo import STRENGTH_OF_NORM
+from qscope_hf.discovery import activation_stats, contrast_features, residual_norm
 
 TOPICS = ["the weather", "your favourite food", "the ocean", "a good book", "mountains", "your city", "music",
           "a busy morning", "cats", "the night sky", "trains", "gardening", "the moon", "a rainy day", "football",
           "coffee", "a long walk", "winter", "the library", "a birthday party"]
 FORMS = ["Tell me about {}.", "What do you think of {}?", "Describe {} in two sentences."]
-SWEEP = [0.0, 4.0, 8.0, 16.0, 32.0, 64.0]
+#: Strengths of the sweep, as fractions of the residual stream's median norm.
+SWEEP = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.4]
 
 
 def questions(quick: bool) -> list[str]:
@@ -62,6 +67,16 @@ def mean_residual(model, tokenizer, layer: int, texts: list[str]) -> torch.Tenso
     return total / count
 
 
+def direction_sae(direction: torch.Tensor, layer: int) -> SparseAutoencoder:
+    """A one-feature "SAE" whose decoder column is ``direction / ‖direction‖``: steers any vector with the same
+    positions and modes as an SAE feature."""
+    sae = SparseAutoencoder(direction.numel(), 1, 1, layer=layer)
+    with torch.no_grad():
+        sae.W_dec[:, 0] = direction / direction.norm()
+        sae.W_enc[0] = direction / direction.norm()
+    return sae
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -76,56 +91,56 @@ def main() -> None:
     rows = contrast_features(stats_fr, stats_en, top=20)
     french = next(r for r in rows if r.rate_diff > 0)
     english = next(r for r in rows if r.rate_diff < 0)
-    strength = 16.0
+    norm = residual_norm(model, tokenizer, sae.layer, contrast["fr"] + contrast["en"])
+    strength = STRENGTH_OF_NORM * norm
     clamp_target = 2.0 * float(stats_fr.act_max[french.feature])
     random_feature = random.Random(1).choice([f for f in range(sae.d_sae) if f not in (french.feature,)])
     diff = mean_residual(model, tokenizer, sae.layer, contrast["fr"]) - mean_residual(model, tokenizer, sae.layer,
                                                                                       contrast["en"])
-    diff = diff / diff.norm() * strength  # same norm as strength × a unit decoder column
+    mean_difference = direction_sae(diff, sae.layer)  # unit norm, steered at the same strength
 
     asked = questions(args.quick)
     prompts = chat_prompts(tokenizer, asked)
     instructed = chat_prompts(tokenizer, [q + " Answer in French." for q in asked])
     new_tokens = 16 if args.quick else 32
 
-    def steered(spec):
+    def steered(source, feature, value, **options):
+        spec = Steering(source, feature, value, positions="generated", **options)
         return {"logits_processor": [SAELogitsProcessor(model, spec)]}
 
     conditions = {
         "no steering": (prompts, {}),
-        "SAE add": (prompts, steered(Steering(sae, french.feature, strength))),
-        "SAE gated (on the English feature)": (prompts, steered(Steering(sae, french.feature, strength, mode="gated",
-                                                                         gate_feature=english.feature))),
-        "SAE clamp": (prompts, steered(Steering(sae, french.feature, clamp_target, mode="clamp"))),
-        "zero strength": (prompts, steered(Steering(sae, french.feature, 0.0))),
-        "random feature, same norm": (prompts, steered(Steering(sae, random_feature, strength))),
-        "negative strength": (prompts, steered(Steering(sae, french.feature, -strength))),
+        "SAE add": (prompts, steered(sae, french.feature, strength)),
+        "SAE gated (on the English feature)": (prompts, steered(sae, french.feature, strength, mode="gated",
+                                                                gate_feature=english.feature)),
+        "SAE clamp": (prompts, steered(sae, french.feature, clamp_target, mode="clamp")),
+        "zero strength": (prompts, steered(sae, french.feature, 0.0)),
+        "random feature, same norm": (prompts, steered(sae, random_feature, strength)),
+        "negative strength": (prompts, steered(sae, french.feature, -strength)),
         "prompt only (Answer in French.)": (instructed, {}),
-        "difference of means, same norm": (prompts, None),
+        "difference of means, same norm": (prompts, steered(mean_difference, 0, strength)),
     }
     results = {}
     for name, (inputs, options) in conditions.items():
-        if options is None:
-            with add_to_layers(model, {sae.layer: diff}):
-                texts, _ = generate(model, tokenizer, inputs, max_new_tokens=new_tokens)
-        else:
-            texts, _ = generate(model, tokenizer, inputs, max_new_tokens=new_tokens, **options)
+        texts, _ = generate(model, tokenizer, inputs, max_new_tokens=new_tokens, **options)
         results[name] = {"success": sum(map(is_french, texts)) / len(texts),
                          "perplexity": perplexity(model, tokenizer, prompts, texts), "example": texts[0]}
         print(f"{name}: {results[name]['success']:.2f} French, perplexity {results[name]['perplexity']:.1f}",
               flush=True)
-    sweep = []
-    for value in SWEEP:
-        texts, _ = generate(model, tokenizer, prompts, max_new_tokens=new_tokens,
-                            **steered(Steering(sae, french.feature, value)))
-        sweep.append({"strength": value, "success": sum(map(is_french, texts)) / len(texts),
-                      "perplexity": perplexity(model, tokenizer, prompts, texts)})
-        print(f"sweep {value}: {sweep[-1]}", flush=True)
+    sweep = {"SAE add": [], "difference of means": []}
+    for fraction in SWEEP:
+        for name, source, feature in (("SAE add", sae, french.feature), ("difference of means", mean_difference, 0)):
+            texts, _ = generate(model, tokenizer, prompts, max_new_tokens=new_tokens,
+                                **steered(source, feature, fraction * norm))
+            sweep[name].append({"fraction_of_norm": fraction, "success": sum(map(is_french, texts)) / len(texts),
+                                "perplexity": perplexity(model, tokenizer, prompts, texts), "example": texts[0]})
+            print(f"sweep {name} {fraction}: {sweep[name][-1]}", flush=True)
 
     args.results.mkdir(parents=True, exist_ok=True)
     tag = "quick" if args.quick else "full"
     record = {"layer": sae.layer, "french_feature": french.feature, "english_feature": english.feature,
-              "rate_fr": french.rate_a, "rate_en": french.rate_b, "strength": strength, "clamp_target": clamp_target,
+              "rate_fr": french.rate_a, "rate_en": french.rate_b, "residual_norm": norm, "strength": strength,
+              "clamp_target": clamp_target,
               "random_feature": random_feature, "prompts": len(asked), "new_tokens": new_tokens,
               "conditions": results, "sweep": sweep}
     (args.results / f"effects_steering_{tag}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
@@ -135,19 +150,25 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, left = plt.subplots(figsize=(6, 3.5))
-    left.plot([s["strength"] for s in sweep], [s["success"] for s in sweep], "o-", color="tab:blue")
-    left.set(xlabel="strength α", ylabel="answers in French", ylim=(-0.02, 1.02), xscale="symlog")
-    right = left.twinx()
-    right.plot([s["strength"] for s in sweep], [s["perplexity"] for s in sweep], "s--", color="tab:red")
-    right.set(ylabel="perplexity (unsteered model)")
-    left.set_title(f"SAE add, feature {french.feature} at layer {sae.layer}")
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for (name, points), colour in zip(sweep.items(), ("tab:blue", "tab:orange")):
+        fractions = [p["fraction_of_norm"] for p in points]
+        left.plot(fractions, [p["success"] for p in points], "o-", color=colour, label=name)
+        right.plot(fractions, [p["perplexity"] for p in points], "s--", color=colour, label=name)
+    left.set(xlabel="strength / median residual norm", ylabel="answers in French", ylim=(-0.02, 1.02))
+    right.set(xlabel="strength / median residual norm", ylabel="perplexity under the unsteered model", yscale="log")
+    left.legend()
+    left.set_title(f"feature {french.feature} at layer {sae.layer} vs mean difference")
     figure.tight_layout()
     figure.savefig(plot, dpi=110)
     plt.close(figure)
 
     table = "\n".join(f"| {name} | {r['success']:.2f} | {r['perplexity']:.1f} | {r['example'][:60]!r} |"
                       for name, r in results.items())
+    sweep_table = "\n".join(
+        f"| {sae_point['fraction_of_norm']:.1f} | {sae_point['success']:.2f} / {sae_point['perplexity']:.1f} | "
+        f"{mean_point['success']:.2f} / {mean_point['perplexity']:.1f} |"
+        for sae_point, mean_point in zip(sweep["SAE add"], sweep["difference of means"]))
     best_control = max(v["success"] for k, v in results.items() if not k.startswith("SAE"))
     best_sae = max(v["success"] for k, v in results.items() if k.startswith("SAE"))
     verdict = ("SAE steering beats every control." if best_sae > best_control else
@@ -156,14 +177,21 @@ def main() -> None:
     write_section(f"steering-{tag}", f"""### Steering towards French ({len(asked)} prompts, {new_tokens} new tokens)
 
 {provenance(args.quick)}. Feature {french.feature} at layer {sae.layer} (fires on {french.rate_a:.0%} of French vs
-{french.rate_b:.0%} of English tokens), strength {strength}; gated on English feature {english.feature}; clamp target
+{french.rate_b:.0%} of English tokens), strength {strength:.0f} ({STRENGTH_OF_NORM} × the median residual norm
+{norm:.0f}), added on generated tokens only; gated on English feature {english.feature}; clamp target
 {clamp_target:.1f}; random feature {random_feature}.
 
 | condition | answers in French | perplexity | first answer |
 |---|---|---|---|
 {table}
 
-{verdict} Strength sweep: `results/{plot.name}`.
+{verdict}
+
+Strength sweep (answers in French / perplexity), both vectors of the same norm on generated tokens:
+
+| strength / median residual norm | SAE add | difference of means |
+|---|---|---|
+{sweep_table}
 
 ![strength sweep](results/{plot.name})
 """, not args.no_write)
