@@ -43,6 +43,10 @@ def load_model(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     directory = model_dir()
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=GGUF_FILE, dtype=dtype)
+    # The GGUF weights are dequantised into plain ``dtype`` tensors on load; drop the quantizer marker, which would
+    # otherwise make every Trainer refuse to fine-tune the model ("GGUF does not support training").
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -64,3 +64,13 @@ def test_demo_runs_on_smollm2(smollm2, monkeypatch):
     text = "\n".join(lines)
     assert "features firing more on French than on English text" in text
     assert result["steered"] != result["unsteered"]
+
+
+def test_loaded_model_is_plain_and_trainable(smollm2):
+    """GGUF weights are dequantised on load, so the model must not claim to be quantized (Trainer refuses those)."""
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    model, _ = smollm2
+    assert not model.is_quantized and not hasattr(model.config, "quantization_config")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    validate_quantization_for_training(model)
