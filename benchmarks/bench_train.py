@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -66,6 +67,8 @@ def run_qscope(train: torch.Tensor, held: torch.Tensor, epochs: int, lr: float) 
 
 
 def run_sparsify(train: torch.Tensor, held: torch.Tensor, epochs: int, lr: float) -> dict:
+    if not torch.cuda.is_available():  # sparsify picks its Triton decoder whenever Triton imports, even on CPU
+        os.environ["SPARSIFY_DISABLE_TRITON"] = "1"
     from sparsify import SparseCoder, SparseCoderConfig
 
     torch.manual_seed(0)

@@ -12,7 +12,9 @@ LoRA policy, steps, seeds and prompts for:
   in the first rollout of each group; the reward is the task reward alone).
 
 Repetition features are found by ``repetition_features`` on SmolLM2's own looping outputs. Reported: the share
-of held-out completions with a loop (a 4-token n-gram at least 3 times) and the mean task reward.
+of held-out completions with a loop (a 4-token n-gram at least 3 times), the mean task reward, and the
+perplexity the trained policy assigns to the base model's own looping completions of the held-out prompts (a
+continuous measure: higher means the policy moved away from those loops).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from common import (
     has_loop,
     load_model,
     load_saes,
+    perplexity,
     provenance,
     write_section,
 )
@@ -69,7 +72,7 @@ def train(condition: str, prompts: list[str], sae, features, strength: float, se
     if condition == "steered negative rollout":
         rollout = SteeredNegativeRollouts(Steering(sae, features[0], strength), count=1)
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, num_generations=4, per_device_train_batch_size=8,
-                      max_completion_length=40, learning_rate=5e-5, seed=seed, use_cpu=True, bf16=False, report_to=[],
+                      max_completion_length=40, learning_rate=2e-4, seed=seed, use_cpu=True, bf16=False, report_to=[],
                       save_strategy="no", logging_steps=max(1, steps // 4), temperature=1.0)
     torch.manual_seed(seed)
     trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=args, processing_class=tokenizer,
@@ -88,7 +91,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     args = parser.parse_args()
-    steps = args.steps or (3 if args.quick else 16)
+    steps = args.steps or (4 if args.quick else 16)
     seeds = args.seeds or ([0] if args.quick else [0, 1])
     model, tokenizer = load_model()
     sae = load_saes()[-1]
@@ -100,12 +103,16 @@ def main() -> None:
     features = [f for f, _ in repetition_features(model, tokenizer, sae, degenerate, top=16)]
     strength = STRENGTH_OF_NORM * residual_norm(model, tokenizer, sae.layer, outputs)
     held_prompts = chat_prompts(tokenizer, continuation_questions(held_starts))
+    held_loops = [(prompt, text) for prompt, text, row in zip(held_prompts, outputs[1::2], ids[1::2])
+                  if has_loop(row)]
     del model
 
     def evaluate(model):
         texts, rows = generate(model, tokenizer, held_prompts, max_new_tokens=48)
         return {"repeat_ratio": sum(map(has_loop, rows)) / len(rows),
-                "task_reward": statistics.mean(distinct_ratio(rows)), "example": texts[0]}
+                "task_reward": statistics.mean(distinct_ratio(rows)),
+                "loop_perplexity": perplexity(model, tokenizer, *map(list, zip(*held_loops))) if held_loops else None,
+                "example": texts[0]}
 
     base, _ = load_model()
     results = {"before training": [evaluate(base)]}
@@ -117,14 +124,16 @@ def main() -> None:
                                 seed, steps)
             results[condition].append({"seed": seed, **evaluate(trained)})
             print(f"{condition}, seed {seed}: {results[condition][-1]}", flush=True)
-    summary = {name: {"repeat_ratio": statistics.mean(r["repeat_ratio"] for r in rs),
-                      "task_reward": statistics.mean(r["task_reward"] for r in rs)} for name, rs in results.items()}
+    summary = {name: {key: statistics.mean(r[key] for r in rs) if held_loops or key != "loop_perplexity" else None
+                      for key in ("repeat_ratio", "task_reward", "loop_perplexity")} for name, rs in results.items()}
     args.results.mkdir(parents=True, exist_ok=True)
     tag = "quick" if args.quick else "full"
     (args.results / f"effects_repetition_{tag}.json").write_text(json.dumps(
-        {"layer": sae.layer, "features": features, "steering_strength": strength, "looping_seed_outputs": len(looping), "steps": steps,
+        {"layer": sae.layer, "features": features, "steering_strength": strength, "looping_seed_outputs": len(looping),
+         "steps": steps,
          "seeds": seeds, "results": results, "summary": summary}, indent=2, ensure_ascii=False))
-    rows = "\n".join(f"| {name} | {s['repeat_ratio']:.2f} | {s['task_reward']:.3f} |" for name, s in summary.items())
+    rows = "\n".join(f"| {name} | {s['repeat_ratio']:.2f} | {s['task_reward']:.3f} | {s['loop_perplexity'] or 0:.2f} |"
+                     for name, s in summary.items())
     vanilla = summary["vanilla GRPO"]["repeat_ratio"]
     verdict = " ".join(
         f"{name}: {'fewer' if summary[name]['repeat_ratio'] < vanilla else 'not fewer'} looping completions than "
@@ -136,8 +145,8 @@ def main() -> None:
 features {features[:4]}… at layer {sae.layer} (from {len(looping)} looping outputs of the base model); the steered
 negative amplifies feature {features[0]} at strength {strength:.0f} ({STRENGTH_OF_NORM} × the median residual norm).
 
-| condition | completions with a loop | task reward (distinct-token share) |
-|---|---|---|
+| condition | completions with a loop | task reward (distinct-token share) | perplexity of the base model's loops |
+|---|---|---|---|
 {rows}
 
 {verdict} {len(held_starts)} prompts and {len(seeds)} seeds are a small sample: differences of one or two

