@@ -73,12 +73,16 @@ def main() -> None:
                                                           test_labels)}
     curve = data_efficiency_curve(fit, fit_labels, test, test_labels, fractions=(0.1, 0.25, 0.5, 1.0), repeats=3,
                                   top_k=args.top_k)
+    by_k = {k: f1_score(fit_feature_classifier(fit, fit_labels, top_k=k).predict(test), test_labels)
+            for k in (1, 2, 3, 5, 10, 20)}
     for name, value in scores.items():
         print(f"{name}: F1 {value:.3f}", flush=True)
+    print(f"SAE OR rule by K: {by_k}", flush=True)
     args.results.mkdir(parents=True, exist_ok=True)
     tag = "quick" if args.quick else "full"
     (args.results / f"effects_classifier_{tag}.json").write_text(json.dumps(
-        {"texts": len(texts), "fit": half, "features": sae_rule.features, "f1": scores, "curve": curve}, indent=2))
+        {"texts": len(texts), "fit": half, "features": sae_rule.features, "f1": scores, "f1_by_k": by_k,
+         "curve": curve}, indent=2))
     best = max(scores, key=scores.get)
     table = "\n".join(f"| {name} | {value:.3f} |" for name, value in scores.items())
     points = ", ".join(f"{p['fraction']:.0%}: {p['f1']:.2f}" for p in curve)
@@ -92,7 +96,9 @@ def main() -> None:
 |---|---|
 {table}
 
-{verdict} SAE rule F1 against the fraction of fitting data used: {points}.
+{verdict} SAE rule F1 against the fraction of fitting data used: {points}. SAE rule F1 by the number of
+features K it keeps: {", ".join(f"K={k}: {v:.2f}" for k, v in by_k.items())} (the OR rule fires when any kept feature
+fires, so each added feature can only add positives).
 """, not args.no_write)
 
 

@@ -9,8 +9,10 @@ configuration, steps and seeds; the penalised run adds the SAE penalty on the En
 SAEs' layers (from ``language_features`` over the contrast corpus, baselines from
 ``estimate_language_baselines``) for these French samples.
 
-Reported per seed and on average: the code-switching ratio on held-out French questions (answers with at least
-10 % English stop words) and the held-out next-token loss on French answers. Target: ≥ 50 % fewer code-switched
+Reported per seed and on average: the code-switching ratio on held-out French questions (4 sampled answers per
+question at temperature 0.8; an answer code-switches when at least 10 % of its words are English stop words), the
+held-out next-token loss on French answers, and the English-feature excess the penalty targets on those answers;
+the model before training is the reference. Target: ≥ 50 % fewer code-switched
 answers than plain SFT at ≤ 2 % loss change.
 """
 
@@ -48,6 +50,7 @@ TOPICS = ["la pluie", "les chats", "la musique", "le café", "la mer", "les livr
           "le marché"]
 FORMS = ["Parle-moi de {}.", "Décris {} en deux phrases.", "Que penses-tu de {} ?"]
 INSTRUCTION = " Réponds uniquement en français."
+SAMPLES = 4  # sampled answers per held-out question (temperature 0.8): code-switching is a sampling event
 
 
 def questions() -> tuple[list[str], list[str]]:
@@ -135,21 +138,29 @@ def main() -> None:
     fallback = [t for t in contrast["fr"] if has_english(t) is False] * 4
     train = conversations(train_q, french_answers(model, tokenizer, train_q, fallback))
     held = conversations(held_q, french_answers(model, tokenizer, held_q, fallback))
-    del model
     penalty = SAEFeaturePenalty(saes, {layer: {"en": feats} for layer, feats in english.items()}, lam=args.lam,
                                 baselines=baselines, language_column="language")
-    runs = {"plain LoRA SFT": [], "LoRA SFT + SAE penalty": []}
+    held_prompts = chat_prompts(tokenizer, [q for q in held_q for _ in range(SAMPLES)])
+
+    def evaluate(policy, seed: int) -> dict:
+        torch.manual_seed(1000 + seed)
+        answers, _ = generate(policy, tokenizer, held_prompts, max_new_tokens=40, do_sample=True, temperature=0.8,
+                              top_p=0.95)
+        loss, excess = held_out_measures(policy, tokenizer, held, penalty)
+        return {"seed": seed, "code_switching": sum(map(has_english, answers)) / len(answers), "held_out_loss": loss,
+                "english_feature_excess": excess, "example": answers[0]}
+
+    runs = {"before training": [evaluate(model, seed) for seed in seeds]}
+    del model
+    runs |= {"plain LoRA SFT": [], "LoRA SFT + SAE penalty": []}
     for seed in seeds:
         for name, term in (("plain LoRA SFT", None), ("LoRA SFT + SAE penalty", penalty)):
             trained, tokenizer, logged = run(train, term, seed, steps)
-            answers, _ = generate(trained, tokenizer, chat_prompts(tokenizer, held_q), max_new_tokens=40)
-            loss, excess = held_out_measures(trained, tokenizer, held, penalty)
-            record = {"seed": seed, "code_switching": sum(map(has_english, answers)) / len(answers),
-                      "held_out_loss": loss, "english_feature_excess": excess, "penalty_log": logged,
-                      "example": answers[0]}
+            record = {**evaluate(trained, seed), "penalty_log": logged}
             runs[name].append(record)
-            print(f"{name}, seed {seed}: code-switching {record['code_switching']:.2f}, held-out loss {loss:.4f}, "
-                  f"English-feature excess {excess:.3f}", flush=True)
+            print(f"{name}, seed {seed}: code-switching {record['code_switching']:.2f}, held-out loss "
+                  f"{record['held_out_loss']:.4f}, English-feature excess {record['english_feature_excess']:.3f}",
+                  flush=True)
     summary = {name: {key: statistics.mean(r[key] for r in rs)
                       for key in ("code_switching", "held_out_loss", "english_feature_excess")}
                for name, rs in runs.items()}
@@ -164,7 +175,9 @@ def main() -> None:
     rows = "\n".join(f"| {name} | {r['seed']} | {r['code_switching']:.2f} | {r['held_out_loss']:.4f} | "
                      f"{r['english_feature_excess']:.3f} |" for name, rs in runs.items() for r in rs)
     met = reduction >= 0.5 and abs(loss_change) <= 0.02
-    write_section(f"sasft-{tag}", f"""### SASFT: French answers, no drift into English ({len(held_q)} held-out prompts)
+    change = f"{reduction:.0%} fewer" if reduction >= 0 else f"{-reduction:.0%} more"
+    asked = f"{len(held_q)} held-out prompts × {SAMPLES} samples"
+    write_section(f"sasft-{tag}", f"""### SASFT: French answers, no drift into English ({asked})
 
 {provenance(args.quick)}. LoRA r=16 on q/k/v/o, {steps} steps of 8, lr 2e-4; penalty λ={args.lam} on the top
 {args.top} English features of layers {sorted(english)}, α from the French contrast texts.
@@ -173,7 +186,7 @@ def main() -> None:
 |---|---|---|---|---|
 {rows}
 
-Mean code-switching {plain['code_switching']:.2f} → {penalised['code_switching']:.2f} ({reduction:+.0%} fewer), held-out
+Mean code-switching {plain['code_switching']:.2f} → {penalised['code_switching']:.2f} ({change}), held-out
 loss change {loss_change:+.2%}, English-feature excess {plain['english_feature_excess']:.3f} →
 {penalised['english_feature_excess']:.3f}. Target (≥ 50 % fewer at ≤ 2 % loss change): {"met" if met else "not met"}.
 """, not args.no_write)

@@ -14,8 +14,10 @@ contrast corpus) at the SAE's layer. Conditions, each over the same prompts, gre
 Strength is a fraction of the residual stream's median norm at the layer (``STRENGTH_OF_NORM``, as in the demo)
 and every vector is added on the generated tokens only, so the question itself is read unsteered.
 
-Success: the answer is mostly French (stop-word shares, see ``common.is_french``). Fluency cost: perplexity of
-the answers under the unsteered model. A strength sweep of ``add`` and of the mean difference is plotted.
+Success: the answer is mostly French (stop-word shares, see ``common.is_french``); "fluent" success also asks that
+it has no repetition loop (``common.has_loop``: "de, de, de, …" counts as French but is not an answer). Fluency
+cost: perplexity of the answers under the unsteered model (which rates loops as easy text, hence the loop share).
+A strength sweep of ``add`` and of the mean difference is plotted.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from common import (
     chat_prompts,
     contrast_texts,
     generate,
+    has_loop,
     is_french,
     load_model,
     load_saes,
@@ -67,6 +70,14 @@ def mean_residual(model, tokenizer, layer: int, texts: list[str]) -> torch.Tenso
     return total / count
 
 
+def measures(texts: list[str], ids: list[list[int]]) -> dict[str, float]:
+    """Shares of answers that are French, French without a loop, and looping."""
+    french = [is_french(text) for text in texts]
+    loops = [has_loop(row) for row in ids]
+    return {"success": sum(french) / len(texts), "fluent": sum(f and not loop for f, loop in zip(french, loops))
+            / len(texts), "loops": sum(loops) / len(texts)}
+
+
 def direction_sae(direction: torch.Tensor, layer: int) -> SparseAutoencoder:
     """A one-feature "SAE" whose decoder column is ``direction / ‖direction‖``: steers any vector with the same
     positions and modes as an SAE feature."""
@@ -75,6 +86,10 @@ def direction_sae(direction: torch.Tensor, layer: int) -> SparseAutoencoder:
         sae.W_dec[:, 0] = direction / direction.norm()
         sae.W_enc[0] = direction / direction.norm()
     return sae
+
+
+def point_text(point: dict) -> str:
+    return f"{point['success']:.2f} / {point['fluent']:.2f} / {point['perplexity']:.1f}"
 
 
 def main() -> None:
@@ -122,17 +137,17 @@ def main() -> None:
     }
     results = {}
     for name, (inputs, options) in conditions.items():
-        texts, _ = generate(model, tokenizer, inputs, max_new_tokens=new_tokens, **options)
-        results[name] = {"success": sum(map(is_french, texts)) / len(texts),
-                         "perplexity": perplexity(model, tokenizer, prompts, texts), "example": texts[0]}
+        texts, ids = generate(model, tokenizer, inputs, max_new_tokens=new_tokens, **options)
+        results[name] = {**measures(texts, ids), "perplexity": perplexity(model, tokenizer, prompts, texts),
+                         "example": texts[0]}
         print(f"{name}: {results[name]['success']:.2f} French, perplexity {results[name]['perplexity']:.1f}",
               flush=True)
     sweep = {"SAE add": [], "difference of means": []}
     for fraction in SWEEP[::2] if args.quick else SWEEP:
         for name, source, feature in (("SAE add", sae, french.feature), ("difference of means", mean_difference, 0)):
-            texts, _ = generate(model, tokenizer, prompts, max_new_tokens=new_tokens,
-                                **steered(source, feature, fraction * norm))
-            sweep[name].append({"fraction_of_norm": fraction, "success": sum(map(is_french, texts)) / len(texts),
+            texts, ids = generate(model, tokenizer, prompts, max_new_tokens=new_tokens,
+                                  **steered(source, feature, fraction * norm))
+            sweep[name].append({"fraction_of_norm": fraction, **measures(texts, ids),
                                 "perplexity": perplexity(model, tokenizer, prompts, texts), "example": texts[0]})
             print(f"sweep {name} {fraction}: {sweep[name][-1]}", flush=True)
 
@@ -153,27 +168,27 @@ def main() -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     for (name, points), colour in zip(sweep.items(), ("tab:blue", "tab:orange")):
         fractions = [p["fraction_of_norm"] for p in points]
-        left.plot(fractions, [p["success"] for p in points], "o-", color=colour, label=name)
+        left.plot(fractions, [p["success"] for p in points], "o-", color=colour, label=f"{name}: French")
+        left.plot(fractions, [p["fluent"] for p in points], "x:", color=colour, label=f"{name}: without a loop")
         right.plot(fractions, [p["perplexity"] for p in points], "s--", color=colour, label=name)
     left.set(xlabel="strength / median residual norm", ylabel="answers in French", ylim=(-0.02, 1.02))
     right.set(xlabel="strength / median residual norm", ylabel="perplexity under the unsteered model", yscale="log")
-    left.legend()
+    left.legend(fontsize="small")
     left.set_title(f"feature {french.feature} at layer {sae.layer} vs mean difference")
     figure.tight_layout()
     figure.savefig(plot, dpi=110)
     plt.close(figure)
 
-    table = "\n".join(f"| {name} | {r['success']:.2f} | {r['perplexity']:.1f} | {r['example'][:60]!r} |"
-                      for name, r in results.items())
+    table = "\n".join(f"| {name} | {r['success']:.2f} | {r['fluent']:.2f} | {r['loops']:.2f} | {r['perplexity']:.1f} "
+                      f"| {r['example'][:60]!r} |" for name, r in results.items())
     sweep_table = "\n".join(
-        f"| {sae_point['fraction_of_norm']:.1f} | {sae_point['success']:.2f} / {sae_point['perplexity']:.1f} | "
-        f"{mean_point['success']:.2f} / {mean_point['perplexity']:.1f} |"
+        f"| {sae_point['fraction_of_norm']:.1f} | {point_text(sae_point)} | {point_text(mean_point)} |"
         for sae_point, mean_point in zip(sweep["SAE add"], sweep["difference of means"]))
-    best_control = max(v["success"] for k, v in results.items() if not k.startswith("SAE"))
-    best_sae = max(v["success"] for k, v in results.items() if k.startswith("SAE"))
-    verdict = ("SAE steering beats every control." if best_sae > best_control else
-               "A control matches or beats SAE steering here: " + ", ".join(
-                   k for k, v in results.items() if not k.startswith("SAE") and v["success"] >= best_sae) + ".")
+    best_control = max(v["fluent"] for k, v in results.items() if not k.startswith("SAE"))
+    best_sae = max(v["fluent"] for k, v in results.items() if k.startswith("SAE"))
+    verdict = ("SAE steering gives more fluent French answers than every control." if best_sae > best_control else
+               "A control matches or beats SAE steering on fluent French answers here: " + ", ".join(
+                   k for k, v in results.items() if not k.startswith("SAE") and v["fluent"] >= best_sae) + ".")
     write_section(f"steering-{tag}", f"""### Steering towards French ({len(asked)} prompts, {new_tokens} new tokens)
 
 {provenance(args.quick)}. Feature {french.feature} at layer {sae.layer} (fires on {french.rate_a:.0%} of French vs
@@ -181,13 +196,14 @@ def main() -> None:
 {norm:.0f}), added on generated tokens only; gated on English feature {english.feature}; clamp target
 {clamp_target:.1f}; random feature {random_feature}.
 
-| condition | answers in French | perplexity | first answer |
-|---|---|---|---|
+| condition | answers in French | French without a loop | answers with a loop | perplexity | first answer |
+|---|---|---|---|---|---|
 {table}
 
 {verdict}
 
-Strength sweep (answers in French / perplexity), both vectors of the same norm on generated tokens:
+Strength sweep (answers in French / French without a loop / perplexity), both vectors of the same norm on
+generated tokens:
 
 | strength / median residual norm | SAE add | difference of means |
 |---|---|---|
