@@ -124,7 +124,7 @@ def write_section(name: str, body: str, enabled: bool = True) -> None:
 
 def provenance(quick: bool) -> str:
     return (f"Machine: {platform.machine()}, {torch.get_num_threads()} threads; {datetime.date.today().isoformat()}; "
-            f"command: `python benchmarks/effects/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`"
+            f"command: `{' '.join(['python', f'benchmarks/effects/{Path(sys.argv[0]).name}', *sys.argv[1:]])}`"
             + (" (quick mode: fewer prompts, shorter runs)" if quick else ""))
 
 
