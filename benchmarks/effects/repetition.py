@@ -132,7 +132,7 @@ def main() -> None:
         {"layer": sae.layer, "features": features, "steering_strength": strength, "looping_seed_outputs": len(looping),
          "steps": steps,
          "seeds": seeds, "results": results, "summary": summary}, indent=2, ensure_ascii=False))
-    rows = "\n".join(f"| {name} | {s['repeat_ratio']:.2f} | {s['task_reward']:.3f} | {s['loop_perplexity'] or 0:.2f} |"
+    rows = "\n".join(f"| {name} | {s['repeat_ratio']:.2f} | {s['task_reward']:.3f} | {s['loop_perplexity'] or 0:.3f} |"
                      for name, s in summary.items())
     vanilla = summary["vanilla GRPO"]["repeat_ratio"]
     verdict = " ".join(
