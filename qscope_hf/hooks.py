@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 
 LayerEdit = Callable[[Tensor], Tensor | None]
 
@@ -32,7 +33,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     previous = None
     while model is not previous:
         previous = model
-        model = extract_model_from_parallel(model)
+        if not isinstance(model, PreTrainedModel):  # an HF model wraps nothing: skip accelerate's checks (~60 µs)
+            model = extract_model_from_parallel(model)
         get_base_model = getattr(model, "get_base_model", None)
         if callable(get_base_model):
             model = get_base_model()

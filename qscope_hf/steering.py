@@ -85,6 +85,8 @@ class Steering:
                 raise ValueError(f"unknown positions {self.positions!r}; choose one of {POSITIONS} or a list of ints")
         elif not all(isinstance(p, int) for p in self.positions):
             raise TypeError(f"positions must be one of {POSITIONS} or a list of ints, got {self.positions!r}")
+        if self.threshold < 0:
+            raise ValueError(f"threshold={self.threshold} is below 0, where a ReLU activation never is: use mode='add'")
         gate = self.features[0] if self.gate_feature is None else self.sae.feature_index(self.gate_feature)[0]
         self.gate_feature = int(gate)
 
@@ -162,6 +164,11 @@ class _Entry:
     rows: Tensor | None  # [B] bool: the prompt rows it applies to (None: all)
     targets: Tensor | None = None  # [B, P] absolute positions of explicit positions (generate sessions)
 
+    @property
+    def every_generated(self) -> bool:
+        """Whether it applies to every row at every generated position (no mask needed while decoding)."""
+        return self.rows is None and self.spec.positions in ("all", "generated")
+
 
 class _LayerSteerer:
     """The edit a session applies to one decoder layer's output ``[B·expand, t, d]`` at every forward."""
@@ -169,6 +176,17 @@ class _LayerSteerer:
     def __init__(self, entries: list[_Entry], traces: list[FeatureTrace], prompt: _Prompt, stateless: bool) -> None:
         self.entries, self.traces, self.prompt, self.stateless = entries, traces, prompt, stateless
         self.offset = 0
+        self._rows: dict[tuple[int, torch.device], Tensor] = {}
+
+    def _row_of(self, rows: int, device: torch.device) -> Tensor:
+        """``[rows]``: the prompt row of each of the layer's rows (beams / return sequences are repeats)."""
+        row_of = self._rows.get((rows, device))
+        if row_of is None:
+            if rows % self.prompt.batch:
+                raise RuntimeError(f"steering was set up for {self.prompt.batch} prompts but the layer sees {rows} "
+                                   f"rows")
+            row_of = self._rows[rows, device] = torch.arange(rows, device=device) // (rows // self.prompt.batch)
+        return row_of
 
     def _real(self, row_of: Tensor, positions: Tensor, first: int) -> Tensor | None:
         """``[B', t]`` mask of real tokens (None when every position is real)."""
@@ -209,29 +227,33 @@ class _LayerSteerer:
     @staticmethod
     def _apply(spec: Steering, hidden: Tensor, mask: Tensor | None) -> Tensor:
         t = spec.tensors(hidden.dtype, hidden.device)
+        mask = None if mask is None else mask[..., None]  # [B', t, 1]
         if spec.mode == "add":
             delta = t["vector"]
         elif spec.mode == "clamp":
             current = ops.feature_pre_acts(hidden, t["encoder"], t["bias"]).relu()  # [B', t, S]
             delta = (t["strengths"] - current) @ t["directions"]
-        else:
-            gate = ops.feature_pre_acts(hidden, t["encoder"], t["bias"])[..., 0].relu() > spec.threshold
+        else:  # one gate feature: [B', t, 1]; ReLU(pre) > threshold ≥ 0 is pre > threshold
+            gate = ops.feature_pre_acts(hidden, t["encoder"], t["bias"]) > spec.threshold
             mask = gate if mask is None else mask & gate
             delta = t["vector"]
-        return hidden + (delta if mask is None else mask[..., None].to(hidden.dtype) * delta)
+        return hidden + delta if mask is None else torch.addcmul(hidden, mask.to(hidden.dtype), delta)
 
     def __call__(self, hidden: Tensor) -> Tensor:
         if self.stateless:
             self.offset = 0
         rows, steps = hidden.shape[:2]
-        if rows % self.prompt.batch:
-            raise RuntimeError(f"steering was set up for {self.prompt.batch} prompts but the layer sees {rows} rows")
-        row_of = torch.arange(rows, device=hidden.device) // (rows // self.prompt.batch)
         first = self.offset
-        positions = torch.arange(first, first + steps, device=hidden.device)
         self.offset += steps
+        decoding = self.prompt.length is not None and first >= self.prompt.length
+        where = None  # (row_of, positions), built only for entries that need a mask
         for entry in self.entries:
-            mask = self._mask(entry, row_of, positions, first)
+            if decoding and entry.every_generated:
+                mask = None
+            else:
+                if where is None:
+                    where = self._row_of(rows, hidden.device), torch.arange(first, first + steps, device=hidden.device)
+                mask = self._mask(entry, *where, first)
             if mask is not False:
                 hidden = self._apply(entry.spec, hidden, mask)
         for trace in self.traces:
@@ -320,7 +342,8 @@ class SAELogitsProcessor(LogitsProcessor):
     the row expansion of ``num_beams`` / ``num_return_sequences``. ``trace`` lists ``(sae, features)`` whose
     activations are recorded at every step into :attr:`traces` (reset at each call). Steering is in force from
     the prefill forward of each generate call the processor is passed to, and only then; a processor can be
-    reused. It leaves the scores unchanged.
+    reused. Its hooks do the steering: it leaves the scores unchanged, and the decoding loop is handed the other
+    processors only.
     """
 
     def __init__(self, model: nn.Module, steerings: Steering | Sequence[Steering] | None = None, *,
@@ -368,8 +391,11 @@ class SteeringGenerationMixin:
     def _steered_loop(self, loop: Any, input_ids: Tensor, logits_processor: Any, generation_config: Any,
                       **kwargs: Any) -> Any:
         expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+        steering = _active(logits_processor)
+        if steering:  # the hooks do the steering: the loop need not call the pass-through processors every step
+            logits_processor = LogitsProcessorList([p for p in logits_processor if p not in steering])
         with ExitStack() as stack:
-            for processor in _active(logits_processor):
+            for processor in steering:
                 stack.enter_context(processor.session(
                     self, input_ids, kwargs.get("attention_mask"), expand=expand,
                     max_new_tokens=generation_config.max_length - input_ids.shape[1]))

@@ -302,6 +302,8 @@ def test_bad_specs_fail_before_generation(model, tokenizer):
         Steering(sae, [1, 256], 1.0)
     with pytest.raises(ValueError, match="unknown steering mode"):
         Steering(sae, 1, 1.0, mode="boost")
+    with pytest.raises(ValueError, match="threshold=-0.5 is below 0"):
+        Steering(sae, 1, 1.0, mode="gated", threshold=-0.5)
     with pytest.raises(ValueError, match="3 per-row steering specs for a batch of 2 prompts"):
         generate(model, tokenizer, logits_processor=[SAELogitsProcessor(model, rows=[None, None, None])])
     with pytest.raises(IndexError, match="position 40 is outside row 0's sequence"):

@@ -47,13 +47,14 @@ def _kernels(name: str) -> SimpleNamespace:
 
 
 def _check_same(what: str, *tensors: Tensor) -> None:
-    dtypes = {t.dtype for t in tensors}
-    devices = {t.device for t in tensors}
-    if len(dtypes) > 1:
-        raise TypeError(f"{what}: dtype mismatch {sorted(map(str, dtypes))}; cast the activations or the SAE weights")
-    if len(devices) > 1:
-        raise ValueError(f"{what}: device mismatch {sorted(map(str, devices))}; move the activations or the SAE")
-    if not tensors[0].is_floating_point():
+    first = tensors[0]
+    if any(t.dtype != first.dtype for t in tensors):
+        dtypes = sorted({str(t.dtype) for t in tensors})
+        raise TypeError(f"{what}: dtype mismatch {dtypes}; cast the activations or the SAE weights")
+    if any(t.device != first.device for t in tensors):
+        devices = sorted({str(t.device) for t in tensors})
+        raise ValueError(f"{what}: device mismatch {devices}; move the activations or the SAE")
+    if not first.is_floating_point():
         raise TypeError(f"{what}: expected floating-point tensors, got {tensors[0].dtype}")
 
 
@@ -122,8 +123,7 @@ def feature_pre_acts(x: Tensor, W_enc_rows: Tensor, b_enc_rows: Tensor) -> Tenso
     with respect to all inputs.
     """
     _check_encoder("feature_pre_acts", x, W_enc_rows, b_enc_rows)
-    out = reference.feature_pre_acts(x.reshape(-1, x.shape[-1]), W_enc_rows, b_enc_rows)
-    return out.reshape(*x.shape[:-1], W_enc_rows.shape[0])
+    return reference.feature_pre_acts(x, W_enc_rows, b_enc_rows)
 
 
 def dense_codes(values: Tensor, indices: Tensor, d_sae: int) -> Tensor:

@@ -16,6 +16,7 @@ Gradients come from plain torch autograd.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -58,5 +59,8 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
 
 
 def feature_pre_acts(x: Tensor, W_enc_rows: Tensor, b_enc_rows: Tensor) -> Tensor:
-    """Pre-activations of selected features: ``[N, d_model] -> [N, S]`` using only their encoder rows."""
-    return pre_acts(x, W_enc_rows, b_enc_rows).to(x.dtype)
+    """Pre-activations of selected features: ``[..., d_model] -> [..., S]`` using only their encoder rows."""
+    acc = accumulate_dtype(x.dtype)
+    if x.dtype == acc:  # the weights share x's dtype (checked by the public op): no casts on the per-token path
+        return F.linear(x, W_enc_rows, b_enc_rows)
+    return F.linear(x.to(acc), W_enc_rows.to(acc), b_enc_rows.to(acc)).to(x.dtype)
