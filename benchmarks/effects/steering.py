@@ -184,11 +184,14 @@ def main() -> None:
     sweep_table = "\n".join(
         f"| {sae_point['fraction_of_norm']:.1f} | {point_text(sae_point)} | {point_text(mean_point)} |"
         for sae_point, mean_point in zip(sweep["SAE add"], sweep["difference of means"]))
-    best_control = max(v["fluent"] for k, v in results.items() if not k.startswith("SAE"))
     best_sae = max(v["fluent"] for k, v in results.items() if k.startswith("SAE"))
-    verdict = ("SAE steering gives more fluent French answers than every control." if best_sae > best_control else
-               "A control matches or beats SAE steering on fluent French answers here: " + ", ".join(
-                   k for k, v in results.items() if not k.startswith("SAE") and v["fluent"] >= best_sae) + ".")
+    controls = {k: v["fluent"] for k, v in results.items() if not k.startswith("SAE")}
+    better = [f"{k} ({fluent:.2f})" for k, fluent in controls.items() if fluent > best_sae]
+    verdict = (f"Controls beat SAE steering (best {best_sae:.2f}) on French answers without a loop: "
+               + ", ".join(better) + "." if better else
+               f"SAE steering gives the most French answers without a loop ({best_sae:.2f})."
+               if best_sae > max(controls.values()) else
+               f"SAE steering ties the best control on French answers without a loop ({best_sae:.2f}).")
     write_section(f"steering-{tag}", f"""### Steering towards French ({len(asked)} prompts, {new_tokens} new tokens)
 
 {provenance(args.quick)}. Feature {french.feature} at layer {sae.layer} (fires on {french.rate_a:.0%} of French vs
