@@ -158,6 +158,11 @@ def test_sparse_primitives_match_dense_formulas(backend):
     dense = values.new_zeros(9, 70).scatter_add(-1, indices, values)  # repeated indices add up
     torch.testing.assert_close(kernels.gather_sum(values, indices, table).float(), dense @ table)
     torch.testing.assert_close(kernels.gather_dot(indices, table, rows), (table[indices] * rows[:, None]).sum(-1))
+    transposed = table.T.contiguous().T  # the decoder's W_dec.T: a non-contiguous table
+    torch.testing.assert_close(kernels.gather_dot(indices, transposed, rows), (table[indices] * rows[:, None]).sum(-1))
+    half = table.bfloat16(), rows.bfloat16()  # half tables accumulate in fp32
+    torch.testing.assert_close(kernels.gather_dot(indices, *half),
+                               (half[0][indices].float() * half[1][:, None].float()).sum(-1))
     torch.testing.assert_close(kernels.scatter_outer(values, indices, rows, 70), dense.T @ rows)
 
 
