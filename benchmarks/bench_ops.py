@@ -2,6 +2,7 @@
 
     python benchmarks/bench_ops.py                      # CPU, real release shapes (slow: ~20 min on 2 cores)
     python benchmarks/bench_ops.py --quick              # CPU, small shapes only
+    python benchmarks/bench_ops.py --parts train        # only some of the tables (encode, decode, train)
     python benchmarks/bench_ops.py --device cuda        # GPU, adds Triton, correctness and a kernel-config sweep
 
 Encode methods, all on the same weights: ``gemm`` (``x @ W_enc.T`` alone, the floor), ``naive``
@@ -280,12 +281,17 @@ def decode_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+#: Each part of the benchmark: how to measure it, how to tabulate it.
+PARTS = {"encode": (run_encode, encode_table), "decode": (run_decode, decode_table), "train": (run_train, train_table)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--quick", action="store_true", help="only the small shape")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS), help="which tables to measure")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--probe", nargs=4, metavar=("METHOD", "N", "SHAPE", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -299,12 +305,11 @@ def main() -> None:
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"# {machine}, torch {torch.__version__}, {dtype}", flush=True)
     result = {"machine": machine, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-              "dtype": str(dtype), "command": " ".join(sys.argv),
-              "encode": run_encode(args.device, dtype, shapes, TOKENS, args.reps),
-              "decode": run_decode(args.device, dtype, shapes, TOKENS, args.reps),
-              "train": run_train(args.device, dtype, shapes, TOKENS, args.reps)}
-    print("\n" + encode_table(result["encode"]) + "\n\n" + decode_table(result["decode"])
-          + "\n\n" + train_table(result["train"]))
+              "dtype": str(dtype), "command": " ".join(sys.argv)}
+    for part in args.parts:
+        run, _ = PARTS[part]
+        result[part] = run(args.device, dtype, shapes, TOKENS, args.reps)
+    print("\n" + "\n\n".join(PARTS[part][1](result[part]) for part in args.parts))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
 
