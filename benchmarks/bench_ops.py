@@ -306,10 +306,12 @@ def main() -> None:
     print(f"# {machine}, torch {torch.__version__}, {dtype}", flush=True)
     result = {"machine": machine, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "dtype": str(dtype), "command": " ".join(sys.argv)}
+    tables = []
     for part in args.parts:
-        run, _ = PARTS[part]
+        run, table = PARTS[part]
         result[part] = run(args.device, dtype, shapes, TOKENS, args.reps)
-    print("\n" + "\n\n".join(PARTS[part][1](result[part]) for part in args.parts))
+        tables.append(table(result[part]))
+    print("\n" + "\n\n".join(tables))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
 

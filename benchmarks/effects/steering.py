@@ -187,11 +187,13 @@ def main() -> None:
     best_sae = max(v["fluent"] for k, v in results.items() if k.startswith("SAE"))
     controls = {k: v["fluent"] for k, v in results.items() if not k.startswith("SAE")}
     better = [f"{k} ({fluent:.2f})" for k, fluent in controls.items() if fluent > best_sae]
-    verdict = (f"Controls beat SAE steering (best {best_sae:.2f}) on French answers without a loop: "
-               + ", ".join(better) + "." if better else
-               f"SAE steering gives the most French answers without a loop ({best_sae:.2f})."
-               if best_sae > max(controls.values()) else
-               f"SAE steering ties the best control on French answers without a loop ({best_sae:.2f}).")
+    if better:
+        verdict = (f"Controls beat SAE steering (best {best_sae:.2f}) on French answers without a loop: "
+                   + ", ".join(better) + ".")
+    elif best_sae > max(controls.values()):
+        verdict = f"SAE steering gives the most French answers without a loop ({best_sae:.2f})."
+    else:
+        verdict = f"SAE steering ties the best control on French answers without a loop ({best_sae:.2f})."
     write_section(f"steering-{tag}", f"""### Steering towards French ({len(asked)} prompts, {new_tokens} new tokens)
 
 {provenance(args.quick)}. Feature {french.feature} at layer {sae.layer} (fires on {french.rate_a:.0%} of French vs

@@ -55,7 +55,7 @@ def _check_same(what: str, *tensors: Tensor) -> None:
         devices = sorted({str(t.device) for t in tensors})
         raise ValueError(f"{what}: device mismatch {devices}; move the activations or the SAE")
     if not first.is_floating_point():
-        raise TypeError(f"{what}: expected floating-point tensors, got {tensors[0].dtype}")
+        raise TypeError(f"{what}: expected floating-point tensors, got {first.dtype}")
 
 
 def _check_encoder(what: str, x: Tensor, W_enc: Tensor, b_enc: Tensor) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .reference import accumulate_dtype
+from .reference import accumulate_dtype, pre_acts
 
 #: A tile's temporaries may always hold this many elements (8 MiB in fp32) ...
 TILE_ELEMENTS = 1 << 21
@@ -74,7 +74,7 @@ def select_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, tile: int | Non
     buffered = 0
     for start in range(0, d_sae, tile):
         stop = min(start + tile, d_sae)
-        pre = torch.addmm(b_enc[start:stop].to(acc), xa, W_enc[start:stop].to(acc).T)
+        pre = pre_acts(xa, W_enc[start:stop], b_enc[start:stop])
         columns = torch.arange(start, stop, device=x.device).expand_as(pre)
         if pre.shape[1] > k:
             pre, columns = topk_with_ties(pre, columns, k, ordered=False)

@@ -26,9 +26,11 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def pre_acts(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
-    """``x @ W_enc.T + b_enc`` in the accumulate dtype: ``[N, d_model] -> [N, d_sae]``."""
+    """``x @ W_enc.T + b_enc`` in the accumulate dtype: ``[..., d_model] -> [..., d_sae]``."""
     acc = accumulate_dtype(x.dtype)
-    return torch.addmm(b_enc.to(acc), x.to(acc), W_enc.to(acc).T)
+    if not x.dtype == W_enc.dtype == b_enc.dtype == acc:  # no casts on the per-token path of fp32 steering
+        x, W_enc, b_enc = x.to(acc), W_enc.to(acc), b_enc.to(acc)
+    return F.linear(x, W_enc, b_enc)
 
 
 def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, activation: str) -> tuple[Tensor, Tensor]:
@@ -60,7 +62,4 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
 
 def feature_pre_acts(x: Tensor, W_enc_rows: Tensor, b_enc_rows: Tensor) -> Tensor:
     """Pre-activations of selected features: ``[..., d_model] -> [..., S]`` using only their encoder rows."""
-    acc = accumulate_dtype(x.dtype)
-    if x.dtype == acc:  # the weights share x's dtype (checked by the public op): no casts on the per-token path
-        return F.linear(x, W_enc_rows, b_enc_rows)
-    return F.linear(x.to(acc), W_enc_rows.to(acc), b_enc_rows.to(acc)).to(x.dtype)
+    return pre_acts(x, W_enc_rows, b_enc_rows).to(x.dtype)
