@@ -142,13 +142,17 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"codes have d_sae={z.shape[-1]}, but this SAE has d_sae={self.d_sae}")
         return ops.dense_decode(z, self.W_dec, self.b_dec)
 
-    def decode_topk(self, values: Tensor, indices: Tensor) -> Tensor:
-        """Reconstruction from top-k codes without dense codes: ``[..., k] -> [..., d_model]``."""
-        return ops.sparse_decode(values, indices, self.W_dec, self.b_dec, backend=self.backend)
+    def decode_topk(self, values: Tensor, indices: Tensor, *, check_indices: bool = True) -> Tensor:
+        """Reconstruction from top-k codes without dense codes: ``[..., k] -> [..., d_model]``.
+
+        ``check_indices=False`` skips the range check (a host sync on GPU) for codes from :meth:`encode_topk`.
+        """
+        return ops.sparse_decode(values, indices, self.W_dec, self.b_dec, backend=self.backend,
+                                 check_indices=check_indices)
 
     def forward(self, x: Tensor) -> Tensor:
         """Reconstruction of ``x [..., d_model]`` through the top-k codes."""
-        return self.decode_topk(*self.encode_topk(x))
+        return self.decode_topk(*self.encode_topk(x), check_indices=False)
 
     def feature_directions(self, features: Features) -> Tensor:
         """Decoder columns ``W_dec[:, f]`` returned as rows: ``[S, d_model]`` (``[d_model]`` for one int)."""

@@ -185,7 +185,7 @@ class SAETrainer:
             with torch.no_grad():
                 sae.b_dec.copy_(x.mean(0))
         values, indices = sae.encode_topk(x)
-        error = sae.decode_topk(values, indices) - x
+        error = sae.decode_topk(values, indices, check_indices=False) - x
         variance = (x - x.mean(0)).pow(2).sum()
         fvu = error.pow(2).sum() / variance
         loss = fvu
@@ -195,7 +195,8 @@ class SAETrainer:
             rows = dead.nonzero().squeeze(1).to(self.device)
             k_aux = min(config.aux_k or self.d_model // 2, len(rows))
             dead_values, dead_indices = ops.topk_encode(x, sae.W_enc[rows], sae.b_enc[rows], k_aux, "topk")
-            error_hat = ops.sparse_decode(dead_values, dead_indices, sae.W_dec[:, rows], torch.zeros_like(sae.b_dec))
+            error_hat = ops.sparse_decode(dead_values, dead_indices, sae.W_dec[:, rows], torch.zeros_like(sae.b_dec),
+                                          check_indices=False)
             aux = (error_hat + error.detach()).pow(2).sum() / variance
             loss = loss + config.aux_coef * aux
         optimizer.zero_grad(set_to_none=True)
@@ -352,7 +353,7 @@ def evaluate_saes(model: nn.Module, tokenizer: Any, saes: Sequence[SparseAutoenc
             x = captured[sae.layer][keep].to(sae.device, sae.dtype)
             values, indices = sae.encode_topk(x)
             part = sums[sae.layer]
-            part["err"] += float((sae.decode_topk(values, indices) - x).double().pow(2).sum())
+            part["err"] += float((sae.decode_topk(values, indices, check_indices=False) - x).double().pow(2).sum())
             part["sq"] += float(x.double().pow(2).sum())
             part["sum"] = part["sum"] + x.double().sum(0)
             part["n"] += len(x)

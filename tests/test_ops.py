@@ -174,6 +174,8 @@ def test_sparse_decode_equals_reference(backend, dtype):
     W_dec, b_dec = on(backend, torch.randn(40, 300).to(dtype), torch.randn(40).to(dtype))
     want = ops.sparse_decode(values, indices, W_dec, b_dec, backend="reference")
     torch.testing.assert_close(ops.sparse_decode(values, indices, W_dec, b_dec, backend=backend), want, **TOL[dtype])
+    unchecked = ops.sparse_decode(values, indices, W_dec, b_dec, backend=backend, check_indices=False)
+    torch.testing.assert_close(unchecked, want, **TOL[dtype])
 
 
 # -- autograd -----------------------------------------------------------------------------------------------------
@@ -252,8 +254,10 @@ def test_bad_input_errors():
         ops.topk_encode(x.to("meta"), W, b, 4)
     with pytest.raises(ValueError, match="unknown activation"):
         ops.topk_encode(x, W, b, 4, "jumprelu")
-    with pytest.raises(IndexError, match=r"must lie in \[0, d_sae=64\)"):
+    with pytest.raises(IndexError, match=r"must lie in \[0, d_sae=64\), got \[0, 64\]"):
         ops.sparse_decode(torch.ones(3, 2), torch.tensor([[0, 64]] * 3), torch.zeros(16, 64), torch.zeros(16))
+    with pytest.raises(IndexError, match=r"got \[-1, 3\]"):
+        ops.sparse_decode(torch.ones(1, 2), torch.tensor([[3, -1]]), torch.zeros(16, 64), torch.zeros(16))
 
 
 def test_triton_threshold_counts_ties():

@@ -81,3 +81,5 @@ def test_bad_input(sae):
         SparseAutoencoder(32, 200, 0)
     with pytest.raises(ValueError, match="codes have d_sae=199"):
         sae.decode(torch.zeros(1, 199))
+    with pytest.raises(IndexError, match=r"feature indices must lie in \[0, d_sae=200\), got \[3, 200\]"):
+        sae.decode_topk(torch.ones(1, 2), torch.tensor([[3, 200]]))

@@ -87,24 +87,28 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, activation: str
     return values.reshape(*lead, k), indices.reshape(*lead, k)
 
 
-def _check_codes(what: str, values: Tensor, indices: Tensor, d_sae: int) -> None:
+def _check_codes(what: str, values: Tensor, indices: Tensor, d_sae: int, *, check_range: bool = True) -> None:
     if values.shape != indices.shape:
         raise ValueError(f"{what}: values {tuple(values.shape)} and indices {tuple(indices.shape)} differ in shape")
     if indices.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{what}: indices must be int64 or int32, got {indices.dtype}")
-    if indices.numel():
-        low, high = torch.aminmax(indices)
-        if int(low) < 0 or int(high) >= d_sae:
-            raise IndexError(f"{what}: feature indices must lie in [0, d_sae={d_sae}), got [{int(low)}, {int(high)}]")
+    if check_range and indices.numel():
+        low, high = torch.stack(torch.aminmax(indices)).tolist()
+        if low < 0 or high >= d_sae:
+            raise IndexError(f"{what}: feature indices must lie in [0, d_sae={d_sae}), got [{low}, {high}]")
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, *,
-                  backend: str | None = None) -> Tensor:
-    """Reconstruction ``Σ_j values_j · W_dec[:, indices_j] + b_dec``: ``[..., k] -> [..., d_model]``."""
+                  backend: str | None = None, check_indices: bool = True) -> Tensor:
+    """Reconstruction ``Σ_j values_j · W_dec[:, indices_j] + b_dec``: ``[..., k] -> [..., d_model]``.
+
+    ``check_indices=False`` skips the range check of ``indices`` (which waits for the GPU: one host sync per
+    call); pass it only for indices that :func:`topk_encode` returned for the same SAE.
+    """
     if W_dec.dim() != 2 or b_dec.shape != (W_dec.shape[0],):
         raise ValueError(f"sparse_decode: expected W_dec [d_model, d_sae] and b_dec [d_model], got "
                          f"{tuple(W_dec.shape)} and {tuple(b_dec.shape)}")
-    _check_codes("sparse_decode", values, indices, W_dec.shape[1])
+    _check_codes("sparse_decode", values, indices, W_dec.shape[1], check_range=check_indices)
     _check_same("sparse_decode", values, W_dec, b_dec)
     lead, k = values.shape[:-1], values.shape[-1]
     values2, indices2 = values.reshape(-1, k), indices.reshape(-1, k).long()
