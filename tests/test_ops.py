@@ -99,9 +99,11 @@ def test_backend_equals_reference(backend, shape, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["reference", *STREAMING])
-def test_forced_ties_follow_the_documented_rule(backend):
+def test_forced_ties_follow_the_documented_rule(backend, monkeypatch):
     # Features come in groups of identical encoder rows; the top-k boundary cuts through a group. Small
     # integers keep every sum exact, so ties are exact whatever the summation order of a backend.
+    monkeypatch.setattr(chunked, "MIN_TILE", 8)  # chunked: tiles of 8 columns cut through the groups of 5,
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 8)  # so later tiles hold values equal to the k-th best so far
     g = torch.Generator().manual_seed(1)
     W = torch.randint(-3, 4, (8, 16), generator=g).float().repeat_interleave(5, dim=0)  # 5g..5g+4 identical
     x = torch.randint(-3, 4, (6, 16), generator=g).float()

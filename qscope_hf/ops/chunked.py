@@ -1,10 +1,12 @@
 """Streaming TopK selection in plain torch: the CPU default.
 
-The encoder GEMM runs over ``d_sae`` in tiles; each tile's best ``k`` candidates join a candidate buffer that is
-cut back to the best ``k`` whenever it grows past a few tiles' worth, so peak extra memory is
-``O(N·k + N·tile)`` instead of ``O(N·d_sae)``. The selection rule (ties towards the lower feature index) is
-that of :mod:`qscope_hf.ops.reference`; :func:`topk_with_ties` enforces it for any list of candidates and is
-shared with the Triton backend.
+The encoder GEMM runs over ``d_sae`` in tiles, in index order, keeping each row's best ``k`` so far, so peak extra
+memory is ``O(N·k + N·tile)`` instead of ``O(N·d_sae)``. Once a row holds ``k`` candidates, only a tile's entries
+strictly above the row's current k-th best can enter (an equal one has a higher index than every kept entry, so
+it loses the tie): they are picked by one comparison and merged into the ``k`` kept, so most tiles cost a
+comparison rather than a partial sort (half the selection time on two cores). The selection rule (ties towards
+the lower feature index) is that of :mod:`qscope_hf.ops.reference`; :func:`topk_with_ties` enforces it for any
+list of candidates and is shared with the Triton backend.
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ TILE_ELEMENTS = 1 << 21
 #: ... or, when that is more, ``1 / TILE_FRACTION`` of the dense ``[N, d_sae]`` matrix.
 TILE_FRACTION = 6
 MIN_TILE = 256
-#: Candidates are cut back to ``k`` once the buffer holds this many times ``k``.
-MERGE_FACTOR = 8
 
 
 def tile_width(n_rows: int, d_sae: int, d_model: int) -> int:
@@ -62,26 +62,42 @@ def topk_with_ties(values: Tensor, indices: Tensor, k: int, *, ordered: bool = T
     return _order(values, indices, k) if ordered else (values, indices)
 
 
+def _merge_above(values: Tensor, indices: Tensor, pre: Tensor, start: int) -> tuple[Tensor, Tensor]:
+    """``values``/``indices [N, k]`` (each row's best so far) joined by the entries of ``pre [N, tile]`` (columns
+    ``start, start + 1, …``) above the row's k-th best (NaN counts as above, as in ``topk``): ``[N, k + W]``, where
+    ``W`` is the most entries any row adds; empty slots hold ``-inf`` with an index past every real one."""
+    n_rows, k = values.shape
+    above = pre.le(values.min(dim=1, keepdim=True).values).logical_not_()
+    rows, columns = above.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return values, indices
+    counts = torch.bincount(rows, minlength=n_rows)
+    slots = k + torch.arange(rows.numel(), device=rows.device) - (counts.cumsum(0) - counts)[rows]
+    width = k + int(counts.max())
+    joined_values = values.new_full((n_rows, width), -torch.inf)
+    joined_indices = indices.new_full((n_rows, width), torch.iinfo(indices.dtype).max)
+    joined_values[:, :k], joined_indices[:, :k] = values, indices
+    joined_values[rows, slots] = pre[rows, columns]
+    joined_indices[rows, slots] = columns + start
+    return joined_values, joined_indices
+
+
 @torch.no_grad()
 def select_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, tile: int | None = None) -> tuple[Tensor, Tensor]:
     """Top-``k`` pre-activations of ``x [N, d_model]``: ``(values [N, k] in the accumulate dtype, indices [N, k])``."""
     n_rows, d_sae = x.shape[0], W_enc.shape[0]
-    acc = accumulate_dtype(x.dtype)
     tile = tile or tile_width(n_rows, d_sae, W_enc.shape[1])
-    xa = x.to(acc)
-    values: list[Tensor] = []
-    indices: list[Tensor] = []
-    buffered = 0
+    xa = x.to(accumulate_dtype(x.dtype))
+    values = xa.new_empty(n_rows, 0)
+    indices = torch.empty(n_rows, 0, dtype=torch.int64, device=x.device)
     for start in range(0, d_sae, tile):
         stop = min(start + tile, d_sae)
         pre = pre_acts(xa, W_enc[start:stop], b_enc[start:stop])
-        columns = torch.arange(start, stop, device=x.device).expand_as(pre)
-        if pre.shape[1] > k:
-            pre, columns = topk_with_ties(pre, columns, k, ordered=False)
-        values.append(pre)
-        indices.append(columns)
-        buffered += pre.shape[1]
-        if buffered >= MERGE_FACTOR * k:
-            merged = topk_with_ties(torch.cat(values, dim=1), torch.cat(indices, dim=1), k, ordered=False)
-            values, indices, buffered = [merged[0]], [merged[1]], k
-    return topk_with_ties(torch.cat(values, dim=1), torch.cat(indices, dim=1), k)
+        if values.shape[1] == k:
+            values, indices = _merge_above(values, indices, pre, start)
+        else:
+            columns = torch.arange(start, stop, device=x.device).expand_as(pre)
+            values, indices = torch.cat([values, pre], dim=1), torch.cat([indices, columns], dim=1)
+        if values.shape[1] > k:
+            values, indices = topk_with_ties(values, indices, k, ordered=False)
+    return topk_with_ties(values, indices, k)
