@@ -82,6 +82,19 @@ def _merge_above(values: Tensor, indices: Tensor, pre: Tensor, start: int) -> tu
     return joined_values, joined_indices
 
 
+def _keep_best(values: Tensor, indices: Tensor, pre: Tensor, start: int, k: int) -> tuple[Tensor, Tensor]:
+    """Each row's best ``k`` (unordered) among those kept so far (``values``/``indices [N, ≤k]``) and the tile
+    ``pre [N, tile]`` of columns ``start, start + 1, …``."""
+    if values.shape[1] == k:
+        values, indices = _merge_above(values, indices, pre, start)
+    else:  # the first tile(s): no copy of the tile unless candidates are already kept (k > tile)
+        columns = torch.arange(start, start + pre.shape[1], device=pre.device).expand_as(pre)
+        if values.shape[1]:
+            pre, columns = torch.cat([values, pre], dim=1), torch.cat([indices, columns], dim=1)
+        values, indices = pre, columns
+    return topk_with_ties(values, indices, k, ordered=False) if values.shape[1] > k else (values, indices)
+
+
 @torch.no_grad()
 def select_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, tile: int | None = None) -> tuple[Tensor, Tensor]:
     """Top-``k`` pre-activations of ``x [N, d_model]``: ``(values [N, k] in the accumulate dtype, indices [N, k])``."""
@@ -90,14 +103,7 @@ def select_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, tile: int | Non
     xa = x.to(accumulate_dtype(x.dtype))
     values = xa.new_empty(n_rows, 0)
     indices = torch.empty(n_rows, 0, dtype=torch.int64, device=x.device)
-    for start in range(0, d_sae, tile):
-        stop = min(start + tile, d_sae)
-        pre = pre_acts(xa, W_enc[start:stop], b_enc[start:stop])
-        if values.shape[1] == k:
-            values, indices = _merge_above(values, indices, pre, start)
-        else:
-            columns = torch.arange(start, stop, device=x.device).expand_as(pre)
-            values, indices = torch.cat([values, pre], dim=1), torch.cat([indices, columns], dim=1)
-        if values.shape[1] > k:
-            values, indices = topk_with_ties(values, indices, k, ordered=False)
+    for start in range(0, d_sae, tile):  # a tile's pre-activations are freed before the next tile's GEMM
+        rows = slice(start, start + tile)
+        values, indices = _keep_best(values, indices, pre_acts(xa, W_enc[rows], b_enc[rows]), start, k)
     return topk_with_ties(values, indices, k)
