@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import datasets
+import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .hooks import layer_outputs
+from .validation import positive_int
 
 Corpus = Sequence[str] | datasets.Dataset
 
@@ -29,6 +31,7 @@ def as_dataset(data: Corpus, text_column: str) -> datasets.Dataset:
 
 def text_batches(data: datasets.Dataset, batch_size: int) -> Iterator[tuple[int, dict[str, list]]]:
     """``(index of the first row, batch)`` over ``data`` in order."""
+    positive_int("batch_size", batch_size)
     start = 0
     for batch in data.iter(batch_size=batch_size):
         yield start, batch
@@ -57,6 +60,8 @@ def layer_batches(model: nn.Module, tokenizer: Any, layers: Iterable[int], data:
                   desc: str = "forward") -> Iterator[LayerBatch]:
     """Tokenize ``data`` in batches and read ``layers`` from one forward per batch (stopped after the last)."""
     dataset = as_dataset(data, text_column)
+    positive_int("batch_size", batch_size)
+    positive_int("max_length", max_length)
     layers = list(layers)
     device = next(model.parameters()).device
     bar = tqdm(total=len(dataset), desc=desc, unit="text", disable=not progress)
@@ -71,3 +76,20 @@ def layer_batches(model: nn.Module, tokenizer: Any, layers: Iterable[int], data:
             bar.update(len(rows[text_column]))
     finally:
         bar.close()
+
+
+def pad_token_ids(sequences: Sequence[Sequence[int]], pad_id: int, *, side: str = "left") -> tuple[Tensor, Tensor]:
+    """``(input_ids, attention_mask)``, both ``[B, T]``, from token-id lists padded with ``pad_id`` on ``side``
+    (``"left"``: every row's last real token sits at ``T - 1``, as batched generation wants)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    if not sequences or not all(len(ids) for ids in sequences):
+        raise ValueError("need at least one sequence, and no empty sequence")
+    length = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(sequences):
+        span = slice(length - len(ids), length) if side == "left" else slice(0, len(ids))
+        input_ids[row, span] = torch.as_tensor(list(ids), dtype=torch.long)
+        attention_mask[row, span] = 1
+    return input_ids, attention_mask

@@ -27,10 +27,10 @@ Specs at the same layer apply in the order given.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import KW_ONLY, dataclass, field
-from functools import cache
+from dataclasses import KW_ONLY, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import ops
-from .hooks import check_sae_fits, hook_layers, unwrap_model
+from .classes import add_mixin, remove_mixin
+from .hooks import check_layer, check_sae_fits, hidden_size, hook_layers, unwrap_model
 from .sae import SparseAutoencoder
 
 POSITIONS = ("all", "prompt", "generated")
@@ -51,11 +52,16 @@ class Steering:
     """Steer ``feature`` (one id or a list) of ``sae`` by ``strength`` (one value or one per feature).
 
     ``layer`` defaults to the SAE's own layer. See the module docstring for ``positions`` and ``mode``;
-    ``gate_feature``/``threshold`` configure ``mode="gated"``.
+    ``gate_feature``/``threshold`` configure ``mode="gated"``. With ``relative=True`` strengths are in units of the
+    layer's residual norm: each row's strength is multiplied by the median norm ``‖h‖`` of its real prompt tokens at
+    the steered layer (the first token, whose norm is outsized, left out), measured at the prefill and kept for
+    the generated tokens — so ``strength=0.3`` means the same thing at every layer and in every model.
+    :meth:`from_vector` steers along any direction (difference of means, a probe, a targeted vector) instead of
+    SAE features.
     """
 
-    sae: SparseAutoencoder
-    feature: int | Sequence[int]
+    sae: SparseAutoencoder | None
+    feature: int | Sequence[int] | None
     strength: float | Sequence[float]
     _: KW_ONLY
     layer: int | None = None
@@ -63,21 +69,23 @@ class Steering:
     mode: str = "add"
     gate_feature: int | None = None
     threshold: float = 0.0
+    relative: bool = False
+    vector: Tensor | None = field(default=None, repr=False)
     features: Tensor = field(init=False, repr=False)
     strengths: Tensor = field(init=False, repr=False)
     _prepared: dict = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.features = self.sae.feature_index(self.feature).cpu()
-        if not self.features.numel():
-            raise ValueError("a Steering needs at least one feature")
+        if self.vector is None:
+            self._check_sae()
+        else:
+            self._check_vector()
         strengths = torch.as_tensor(self.strength, dtype=torch.float32).reshape(-1)
         if strengths.numel() not in (1, self.features.numel()):
             raise ValueError(f"{strengths.numel()} strengths for {self.features.numel()} features")
+        if not bool(strengths.isfinite().all()):
+            raise ValueError(f"steering strengths must be finite numbers, got {self.strength!r}")
         self.strengths = strengths.expand(self.features.numel()).clone()
-        self.layer = self.sae.layer if self.layer is None else self.layer
-        if self.layer is None:
-            raise ValueError("the SAE has no layer: pass Steering(..., layer=n)")
         if self.mode not in MODES:
             raise ValueError(f"unknown steering mode {self.mode!r}; choose one of {MODES}")
         if isinstance(self.positions, str):
@@ -85,24 +93,83 @@ class Steering:
                 raise ValueError(f"unknown positions {self.positions!r}; choose one of {POSITIONS} or a list of ints")
         elif not all(isinstance(p, int) for p in self.positions):
             raise TypeError(f"positions must be one of {POSITIONS} or a list of ints, got {self.positions!r}")
+        if not math.isfinite(self.threshold):
+            raise ValueError(f"threshold must be a finite number, got {self.threshold}")
         if self.threshold < 0:
             raise ValueError(f"threshold={self.threshold} is below 0, where a ReLU activation never is: use mode='add'")
-        gate = self.features[0] if self.gate_feature is None else self.sae.feature_index(self.gate_feature)[0]
-        self.gate_feature = int(gate)
+        if self.sae is not None:
+            gate = self.features[0] if self.gate_feature is None else self.sae.feature_index(self.gate_feature)[0]
+            self.gate_feature = int(gate)
+
+    def _check_sae(self) -> None:
+        if not isinstance(self.sae, SparseAutoencoder):
+            raise TypeError(f"Steering needs a SparseAutoencoder (or use Steering.from_vector), got "
+                            f"{type(self.sae).__name__}")
+        self.features = self.sae.feature_index(self.feature).cpu()
+        if not self.features.numel():
+            raise ValueError("a Steering needs at least one feature")
+        self.layer = self.sae.layer if self.layer is None else self.layer
+        if self.layer is None:
+            raise ValueError("the SAE has no layer: pass Steering(..., layer=n)")
+
+    def _check_vector(self) -> None:
+        if self.sae is not None or self.feature is not None:
+            raise ValueError("a Steering takes either an SAE and features or a vector, not both")
+        if self.layer is None:
+            raise ValueError("a vector Steering needs layer=n")
+        if self.mode != "add":
+            raise ValueError(f"mode={self.mode!r} reads an SAE feature's activation; a vector Steering only adds")
+        vector = self.vector
+        if not isinstance(vector, Tensor) or vector.dim() != 1 or not vector.is_floating_point():
+            raise TypeError("a steering vector must be a 1-D floating-point tensor [d_model]")
+        if not bool(vector.isfinite().all()) or not bool(vector.any()):
+            raise ValueError("a steering vector must be finite and not all zeros")
+        self.features = torch.zeros(1, dtype=torch.long)
+
+    @classmethod
+    def from_vector(cls, vector: Tensor, layer: int, strength: float = 1.0, *, positions: str | Sequence[int] = "all",
+                    relative: bool = False, normalize: bool = True) -> Steering:
+        """Steer along ``vector [d_model]`` at ``layer``: ``h + strength · v`` with ``v = vector / ‖vector‖``
+        (``normalize=False``: ``v = vector``), through the same hooks, positions, per-row specs and calibration as
+        SAE features."""
+        vector = torch.as_tensor(vector).detach()
+        if normalize and vector.is_floating_point() and bool(vector.isfinite().all()) and bool(vector.any()):
+            vector = vector / vector.float().norm().to(vector.dtype)
+        return cls(None, None, strength, layer=layer, positions=positions, relative=relative, vector=vector)
+
+    @property
+    def d_model(self) -> int:
+        return self.sae.d_model if self.vector is None else self.vector.numel()
+
+    def scaled(self, factor: float) -> Steering:
+        """This spec with every strength multiplied by ``factor``."""
+        return replace(self, strength=(self.strengths * factor).tolist())
+
+    def check_fits(self, model: nn.Module) -> int:
+        """Check that the spec can steer ``model`` (layer in range, width equal to the hidden size); the layer."""
+        if self.sae is not None:
+            return check_sae_fits(model, self.sae, self.layer)
+        check_layer(model, self.layer)
+        width = hidden_size(model)
+        if self.d_model != width:
+            raise ValueError(f"steering vector has size {self.d_model} but the model's hidden size is {width}")
+        return self.layer
 
     def tensors(self, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
         """Directions ``[S, d]``, their strength-weighted sum ``[d]`` and (clamp/gated) encoder rows, cast once."""
         key = (dtype, device)
         if key not in self._prepared:
             with torch.no_grad():
-                directions = self.sae.feature_directions(self.features).to(device=device, dtype=dtype)
+                directions = (self.vector[None] if self.sae is None else
+                              self.sae.feature_directions(self.features)).to(device=device, dtype=dtype)
                 prepared = {"directions": directions,
                             "vector": (self.strengths.to(device, dtype)[:, None] * directions).sum(0),
                             "strengths": self.strengths.to(device, dtype)}
-                rows = self.features if self.mode == "clamp" else torch.tensor([self.gate_feature])
-                index = rows.to(self.sae.device)
-                prepared["encoder"] = self.sae.W_enc[index].to(device=device, dtype=dtype)
-                prepared["bias"] = self.sae.b_enc[index].to(device=device, dtype=dtype)
+                if self.mode != "add":
+                    rows = self.features if self.mode == "clamp" else torch.tensor([self.gate_feature])
+                    index = rows.to(self.sae.device)
+                    prepared["encoder"] = self.sae.W_enc[index].to(device=device, dtype=dtype)
+                    prepared["bias"] = self.sae.b_enc[index].to(device=device, dtype=dtype)
             self._prepared[key] = prepared
         return self._prepared[key]
 
@@ -111,6 +178,8 @@ def steering_list(steerings: Steering | Sequence[Steering] | None) -> list[Steer
     """``None``, one spec or a sequence of specs, as a list (anything else raises)."""
     if steerings is None:
         return []
+    if not isinstance(steerings, (Steering, Sequence)) or isinstance(steerings, str):
+        raise TypeError(f"expected a Steering spec or a list of them, got {type(steerings).__name__}")
     items = [steerings] if isinstance(steerings, Steering) else list(steerings)
     for item in items:
         if not isinstance(item, Steering):
@@ -143,9 +212,11 @@ class _Prompt:
 
 def _explicit_targets(real: Tensor, length: int, indices: Sequence[int], extra: int) -> Tensor:
     """Absolute positions ``[B, P]`` of per-row logical ``indices`` (from each row's first real token; negative
-    from the end of the prompt). ``real`` is ``[B, T]``; raises for an index outside some row's sequence."""
-    pad = length - real.sum(1)
-    lengths = length - pad
+    from the end of the prompt), for left or right padding. ``real`` is ``[B, T]``; logical positions past the
+    prompt are generated tokens, which follow the whole padded prompt; raises for an index outside some row's
+    sequence."""
+    lengths = real.sum(1)
+    order = real.long().cumsum(1) - 1  # each real token's logical position
     targets = []
     for index in indices:
         logical = lengths + index if index < 0 else torch.full_like(lengths, index)
@@ -154,7 +225,8 @@ def _explicit_targets(real: Tensor, length: int, indices: Sequence[int], extra: 
             row = int(bad.nonzero()[0])
             raise IndexError(f"position {index} is outside row {row}'s sequence ({int(lengths[row])} prompt "
                              f"tokens + up to {extra} generated)")
-        targets.append(pad + logical)
+        in_prompt = (real & (order == logical[:, None])).long().argmax(1)
+        targets.append(torch.where(logical < lengths, in_prompt, length + logical - lengths))
     return torch.stack(targets, dim=1)
 
 
@@ -176,6 +248,8 @@ class _LayerSteerer:
     def __init__(self, entries: list[_Entry], traces: list[FeatureTrace], prompt: _Prompt, stateless: bool) -> None:
         self.entries, self.traces, self.prompt, self.stateless = entries, traces, prompt, stateless
         self.offset = 0
+        self.relative = any(entry.spec.relative for entry in entries)
+        self.units: Tensor | None = None  # [B', 1, 1] median residual norm per row, measured on the prompt
         self._rows: dict[tuple[int, torch.device], Tensor] = {}
 
     def _row_of(self, rows: int, device: torch.device) -> Tensor:
@@ -224,19 +298,32 @@ class _LayerSteerer:
             mask = rows.expand(-1, len(positions)) if mask is None else mask & rows
         return mask
 
-    @staticmethod
-    def _apply(spec: Steering, hidden: Tensor, mask: Tensor | None) -> Tensor:
+    def _measure_units(self, hidden: Tensor) -> Tensor:
+        """``[B', 1, 1]``: each row's median residual norm over its real prompt tokens but the first (all of them
+        when it has only one)."""
+        rows = len(hidden)
+        if self.prompt.real is None:
+            real = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        else:
+            real = self.prompt.real_on(hidden.device)[self._row_of(rows, hidden.device)][:, :hidden.shape[1]]
+        counted = real & (real.cumsum(1) > 1)
+        counted = torch.where(counted.any(1, keepdim=True), counted, real)
+        norms = hidden.float().norm(dim=-1).masked_fill(~counted, float("nan"))
+        return norms.nanmedian(dim=1).values.to(hidden.dtype)[:, None, None]
+
+    def _apply(self, spec: Steering, hidden: Tensor, mask: Tensor | None) -> Tensor:
         t = spec.tensors(hidden.dtype, hidden.device)
+        unit = self.units if spec.relative else None
         mask = None if mask is None else mask[..., None]  # [B', t, 1]
-        if spec.mode == "add":
-            delta = t["vector"]
-        elif spec.mode == "clamp":
+        if spec.mode == "clamp":
             current = ops.feature_pre_acts(hidden, t["encoder"], t["bias"]).relu()  # [B', t, S]
-            delta = (t["strengths"] - current) @ t["directions"]
-        else:  # one gate feature: [B', t, 1]; ReLU(pre) > threshold ≥ 0 is pre > threshold
+            target = t["strengths"] if unit is None else t["strengths"] * unit
+            delta = (target - current) @ t["directions"]
+        else:
+            delta = t["vector"] if unit is None else t["vector"] * unit
+        if spec.mode == "gated":  # one gate feature: [B', t, 1]; ReLU(pre) > threshold ≥ 0 is pre > threshold
             gate = ops.feature_pre_acts(hidden, t["encoder"], t["bias"]) > spec.threshold
             mask = gate if mask is None else mask & gate
-            delta = t["vector"]
         return hidden + delta if mask is None else torch.addcmul(hidden, mask.to(hidden.dtype), delta)
 
     def __call__(self, hidden: Tensor) -> Tensor:
@@ -245,6 +332,8 @@ class _LayerSteerer:
         rows, steps = hidden.shape[:2]
         first = self.offset
         self.offset += steps
+        if self.relative and first == 0:
+            self.units = self._measure_units(hidden)
         decoding = self.prompt.length is not None and first >= self.prompt.length
         where = None  # (row_of, positions), built only for entries that need a mask
         for entry in self.entries:
@@ -308,7 +397,7 @@ class SteeringSession:
                 entries.setdefault(spec.layer, []).append(self._entry(spec, mask))
         for layer_entries in entries.values():
             for entry in layer_entries:
-                check_sae_fits(model, entry.spec.sae, entry.spec.layer)
+                entry.spec.check_fits(model)
         traced: dict[int, list[FeatureTrace]] = {}
         for trace in traces:
             traced.setdefault(check_sae_fits(model, trace.sae), []).append(trace)
@@ -351,7 +440,7 @@ class SAELogitsProcessor(LogitsProcessor):
         self.steerings, self.rows = steering_list(steerings), rows
         self.trace_specs = list(trace)
         for spec in self.steerings + [s for row in rows or [] for s in steering_list(row)]:
-            check_sae_fits(model, spec.sae, spec.layer)
+            spec.check_fits(model)
         self.traces: list[FeatureTrace] = []
         enable_steering(model)
 
@@ -415,26 +504,16 @@ class SteeringGenerationMixin:
         return super()._assisted_decoding(*args, logits_processor=logits_processor, **kwargs)
 
 
-@cache
-def _steerable(cls: type) -> type:
-    return type(cls.__name__, (SteeringGenerationMixin, cls), {"__module__": cls.__module__,
-                                                               "__qualname__": cls.__qualname__})
-
-
 def enable_steering(model: nn.Module) -> nn.Module:
     """Give ``model`` (or the HF model inside a PEFT / DDP wrapper) ``generate(..., steering=...)``; returns
-    ``model``. The instance's class becomes a same-named subclass; nothing else changes."""
-    inner = unwrap_model(model)
-    if not isinstance(inner, SteeringGenerationMixin):
-        inner.__class__ = _steerable(type(inner))
+    ``model``. The instance's class becomes a same-named subclass (:mod:`qscope_hf.classes`); nothing else changes."""
+    add_mixin(unwrap_model(model), SteeringGenerationMixin)
     return model
 
 
 def disable_steering(model: nn.Module) -> nn.Module:
     """Undo :func:`enable_steering` (restores the instance's original class)."""
-    inner = unwrap_model(model)
-    if isinstance(inner, SteeringGenerationMixin) and type(inner).__bases__[0] is SteeringGenerationMixin:
-        inner.__class__ = type(inner).__bases__[1]
+    remove_mixin(unwrap_model(model), SteeringGenerationMixin)
     return model
 
 

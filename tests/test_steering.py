@@ -311,3 +311,25 @@ def test_bad_specs_fail_before_generation(model, tokenizer):
     with pytest.raises(IndexError, match="position -5 is outside row 1's sequence"):
         generate(model, tokenizer, logits_processor=[SAELogitsProcessor(model, Steering(sae, 1, 1.0, positions=[-5]))])
     assert no_hooks(model)
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "generated", [0], [-1], [0, 1]])
+def test_plain_forward_positions_under_left_and_right_padding_equal_each_row_alone(model, tokenizer, sae, positions):
+    """Steered plain forwards: a padded batch (either side) gives each row the logits it gets alone."""
+    spec = Steering(sae, 9, 6.0, positions=positions)
+    alone = []
+    for prompt in PROMPTS:
+        ids = tokenizer([prompt], return_tensors="pt")
+        with torch.no_grad(), steered(model, spec, attention_mask=ids.attention_mask):
+            alone.append(model(**ids).logits[0])
+    for side in ("left", "right"):
+        tokenizer.padding_side = side
+        try:
+            inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+        finally:
+            tokenizer.padding_side = "left"
+        with torch.no_grad(), steered(model, spec, attention_mask=inputs.attention_mask):
+            logits = model(**inputs).logits
+        for row, expected in enumerate(alone):
+            real = inputs.attention_mask[row].bool()
+            torch.testing.assert_close(logits[row][real], expected, rtol=1e-4, atol=1e-4)
