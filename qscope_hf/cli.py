@@ -8,7 +8,29 @@ text per line), json/jsonl/csv/parquet files or saved datasets, with ``--text-co
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
+
+#: Mistakes a user can make on the command line (bad values, missing files, wrong shapes): one line, exit 1.
+USER_ERRORS = (ValueError, KeyError, IndexError, FileNotFoundError, OSError)
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_empty(text: str) -> str:
+    """argparse type: a string with something in it."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def _model_and_sae(args: argparse.Namespace):
@@ -28,6 +50,7 @@ def _demo(args: argparse.Namespace) -> None:
 def _discover(args: argparse.Namespace) -> None:
     from .discovery import activation_stats, common_tokens, contrast_features, format_contrast
     from .loading import load_texts
+    from .output_scores import format_ranking, logit_lens, output_scores, rank_features
 
     model, tokenizer, sae = _model_and_sae(args)
     corpus_a, corpus_b = (load_texts(path, args.text_column) for path in (args.a, args.b))
@@ -37,16 +60,39 @@ def _discover(args: argparse.Namespace) -> None:
                    batch_size=args.batch_size)
     stats_a = activation_stats(model, tokenizer, sae, corpus_a, **options)
     stats_b = activation_stats(model, tokenizer, sae, corpus_b, **options)
-    print(format_contrast(contrast_features(stats_a, stats_b, top=args.top, by=args.by)))
+    empty = [name for name, stats in (("A", stats_a), ("B", stats_b)) if not stats[sae.layer].tokens]
+    if empty:
+        raise ValueError(f"no token of corpus {' and '.join(empty)} is left to compare"
+                         + (" (--drop-common removed every token: the corpora share their whole vocabulary)"
+                            if args.drop_common else ""))
+    if args.by in ("rate", "mean"):
+        print(format_contrast(contrast_features(stats_a, stats_b, top=args.top, by=args.by)))
+        return
+    target = load_texts(args.target, args.text_column) if args.target else corpus_a
+    contrast = contrast_features(stats_a, stats_b, top=args.pool)
+    candidates = None if args.by == "output" else [r.feature for r in contrast]
+    scores = output_scores(model, tokenizer, sae, candidates, target=target[args.text_column],
+                           batch_size=4 * args.batch_size)
+    ranked = rank_features(contrast, scores, by=args.by, top=args.top)
+    lens = logit_lens(model, sae, [r.feature for r in ranked], top=5) if ranked else None
+    print(format_ranking(ranked, lens.tokens(tokenizer) if lens else []))
 
 
 def _steer(args: argparse.Namespace) -> None:
+    from .calibration import NEUTRAL_TEXTS, calibrate_strength
+    from .loading import load_texts
     from .steering import SAELogitsProcessor, Steering
 
     model, tokenizer, sae = _model_and_sae(args)
     positions = args.positions if args.positions in ("all", "prompt", "generated") else \
         [int(p) for p in args.positions.split(",")]
     spec = Steering(sae, args.feature, args.strength, positions=positions, mode=args.mode)
+    if args.auto_strength:
+        texts = load_texts(args.calibration_texts)["text"] if args.calibration_texts else NEUTRAL_TEXTS
+        calibration = calibrate_strength(model, tokenizer, spec, texts, max_ce_increase=args.max_ce_increase)
+        spec = calibration.steering
+        print(f"calibrated strength {calibration.strength:.4g} (cross-entropy on neutral text "
+              f"+{calibration.ce_increase:.3f} nats, budget {args.max_ce_increase})")
     inputs = tokenizer([args.prompt], return_tensors="pt").to(next(model.parameters()).device)
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
     prompt_length = inputs["input_ids"].shape[1]
@@ -148,9 +194,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", help="'tiny', a hub id or a local model directory")
     parser.add_argument("--sae", default="tiny", help="'tiny', a Qwen-Scope release id or a local SAE path")
     parser.add_argument("--layer", type=int, default=1)
-    parser.add_argument("--k", type=int, default=None, help="TopK k, for a bare .sae.pt outside a release")
+    parser.add_argument("--k", type=_positive, default=None, help="TopK k, for a bare .sae.pt outside a release")
     parser.add_argument("--text-column", default="text")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=_positive, default=8)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,34 +207,44 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="smollm2", help="'smollm2' (default), 'tiny', a hub id or a directory")
     demo.add_argument("--sae", default=None, help="SAE source (default: the shipped SmolLM2 SAEs)")
     demo.add_argument("--layer", type=int, default=None)
-    demo.add_argument("--prompt", default=None)
+    demo.add_argument("--prompt", type=_non_empty, default=None)
     demo.set_defaults(run=_demo)
 
     discover = commands.add_parser("discover", help="features that tell corpus A from corpus B")
     _common(discover)
     discover.add_argument("--a", required=True, help="corpus A (texts to steer towards)")
     discover.add_argument("--b", required=True, help="corpus B")
-    discover.add_argument("--top", type=int, default=10)
-    discover.add_argument("--by", choices=["rate", "mean"], default="rate")
+    discover.add_argument("--top", type=_positive, default=10)
+    discover.add_argument("--by", choices=["rate", "mean", "output", "both"], default="rate",
+                          help="rate/mean: contrast of corpus A vs B (what features respond to); output: every feature "
+                               "by its output score towards --target; both: the --pool contrast candidates that "
+                               "also have a positive output score")
+    discover.add_argument("--target", default=None, help="texts whose vocabulary output scores reward (default: A)")
+    discover.add_argument("--pool", type=_positive, default=100, help="contrast candidates scored with --by both")
     discover.add_argument("--keep-first", action="store_true", help="count each text's first token too")
     discover.add_argument("--drop-common", action="store_true", help="ignore tokens that occur in both corpora")
     discover.set_defaults(run=_discover)
 
     steer = commands.add_parser("steer", help="generate with and without steering a feature")
     _common(steer)
-    steer.add_argument("--prompt", required=True)
+    steer.add_argument("--prompt", type=_non_empty, required=True)
     steer.add_argument("--feature", type=int, nargs="+", required=True)
-    steer.add_argument("--strength", type=float, nargs="+", required=True)
+    steer.add_argument("--strength", type=float, nargs="+", default=[1.0],
+                       help="one per feature; with --auto-strength only their signs and ratios matter")
+    steer.add_argument("--auto-strength", action="store_true",
+                       help="scale the strengths until the loss on neutral text rises by --max-ce-increase nats")
+    steer.add_argument("--max-ce-increase", type=float, default=0.5)
+    steer.add_argument("--calibration-texts", default=None, help="texts for --auto-strength (default: built-in)")
     steer.add_argument("--positions", default="all", help="all, prompt, generated, or comma-separated indices")
     steer.add_argument("--mode", choices=["add", "clamp", "gated"], default="add")
-    steer.add_argument("--max-new-tokens", type=int, default=40)
+    steer.add_argument("--max-new-tokens", type=_positive, default=40)
     steer.set_defaults(run=_steer)
 
     inspect = commands.add_parser("inspect", help="HTML report: per-token heatmaps and top contexts")
     _common(inspect)
     inspect.add_argument("--texts", required=True, help="the corpus to inspect")
     inspect.add_argument("--features", type=int, nargs="*", help="default: the 5 most frequent")
-    inspect.add_argument("--show", type=int, default=5, help="texts shown as heatmaps")
+    inspect.add_argument("--show", type=_positive, default=5, help="texts shown as heatmaps")
     inspect.add_argument("--out", default="qscope_report.html")
     inspect.set_defaults(run=_inspect)
 
@@ -207,14 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", nargs="+", required=True, help="training corpora (text files, json/csv/parquet)")
     train.add_argument("--text-column", default="text")
     train.add_argument("--out", required=True, help="output directory (Qwen-Scope layout + SAELens)")
-    train.add_argument("--k", type=int, default=32)
-    train.add_argument("--d-sae", type=int, default=None)
-    train.add_argument("--expansion", type=int, default=8, help="d_sae = expansion x d_model unless --d-sae")
+    train.add_argument("--k", type=_positive, default=32)
+    train.add_argument("--d-sae", type=_positive, default=None)
+    train.add_argument("--expansion", type=_positive, default=8, help="d_sae = expansion x d_model unless --d-sae")
     train.add_argument("--lr", type=float, default=None)
-    train.add_argument("--tokens", type=int, default=1_000_000)
-    train.add_argument("--batch-tokens", type=int, default=4096)
-    train.add_argument("--context-length", type=int, default=256)
-    train.add_argument("--checkpoint-every", type=int, default=None)
+    train.add_argument("--tokens", type=_positive, default=1_000_000)
+    train.add_argument("--batch-tokens", type=_positive, default=4096)
+    train.add_argument("--context-length", type=_positive, default=256)
+    train.add_argument("--checkpoint-every", type=_positive, default=None)
     train.add_argument("--resume", action="store_true")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--eval", default=None, help="held-out corpus for FVU, L0, dead latents and spliced loss")
@@ -223,5 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.run(args)
+    """Run one command. A user error (a bad value, a missing file or column) prints one line and exits 1;
+    ``--debug`` shows the traceback instead."""
+    parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"qscope {args.command}: error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

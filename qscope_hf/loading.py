@@ -62,6 +62,8 @@ def load_texts(path: str | Path, text_column: str = "text") -> datasets.Dataset:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no corpus at {path}")
+    if path.is_file() and not path.read_text(encoding="utf-8", errors="replace").strip():
+        raise ValueError(f"{path}: the corpus is empty")
     if path.is_dir():
         data = datasets.load_from_disk(str(path))
     elif path.suffix == ".txt":

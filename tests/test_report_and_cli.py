@@ -3,6 +3,7 @@ headless Chromium when it is installed)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -58,7 +59,8 @@ def test_inspect_writes_a_self_contained_report(corpora, tokenizer):
     assert "http" not in page  # nothing to fetch: styles inline
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium is not installed")
+@pytest.mark.skipif(shutil.which("chromium") is None and not os.environ.get("QSCOPE_REQUIRE_BROWSER"),
+                    reason="headless Chromium is not installed (CI installs it and sets QSCOPE_REQUIRE_BROWSER)")
 def test_report_renders_in_headless_chromium(corpora):
     out = corpora / "report.html"
     main(["inspect", "--texts", str(corpora / "b.txt"), "--out", str(out)])
@@ -77,15 +79,38 @@ def test_discover_prints_the_contrast_table(corpora, capsys):
     assert all(line.startswith("| 1 |") for line in lines[2:])
 
 
+def test_discover_by_output_effect(corpora, capsys):
+    main(["discover", "--a", str(corpora / "a.txt"), "--b", str(corpora / "b.txt"), "--by", "both", "--pool", "20",
+          "--top", "3"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "| layer | feature | input (rate A − B) | output score | logit lens |"
+    rows = [line.split(" | ") for line in lines[2:]]
+    assert 1 <= len(rows) <= 3
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)  # fire more on A, and raise A's vocabulary
+    assert [float(r[3]) for r in rows] == sorted((float(r[3]) for r in rows), reverse=True)
+
+
+def test_steer_with_a_calibrated_strength(capsys):
+    main(["steer", "--prompt", "Hello", "--feature", "5", "--auto-strength", "--max-ce-increase", "0.01",
+          "--max-new-tokens", "4"])
+    out = capsys.readouterr().out
+    assert out.startswith("calibrated strength ") and "budget 0.01" in out
+    assert out.index("--- unsteered") < out.index("--- steered")
+
+
 def test_steer_prints_both_generations(capsys):
     main(["steer", "--prompt", "Hello", "--feature", "5", "--strength", "40", "--max-new-tokens", "8"])
     out = capsys.readouterr().out
     assert out.index("--- unsteered") < out.index("--- steered")
 
 
-def test_corpus_errors(corpora):
-    with pytest.raises(FileNotFoundError, match="no corpus at"):
+def test_corpus_errors(corpora, capsys):
+    with pytest.raises(SystemExit) as exit_:
         main(["inspect", "--texts", str(corpora / "missing.txt")])
+    assert exit_.value.code == 1 and "no corpus at" in capsys.readouterr().err
     (corpora / "c.jsonl").write_text('{"body": "x"}\n')
-    with pytest.raises(KeyError, match="no text column 'text'"):
+    with pytest.raises(SystemExit):
         main(["inspect", "--texts", str(corpora / "c.jsonl")])
+    assert "no text column 'text'" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no corpus at"):  # --debug: the exception itself
+        main(["--debug", "inspect", "--texts", str(corpora / "missing.txt")])
