@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from .errors import ConfigError
 from .ops import ACTIVATIONS
 
 #: SAE ``layer n`` reads (and steering writes) the output of decoder layer n, i.e. ``hidden_states[n + 1]``.
@@ -29,6 +30,10 @@ class SAEConfig:
     model_id: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("d_model", "d_sae", "k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
         if self.d_model <= 0 or self.d_sae <= 0:
             raise ValueError(f"d_model and d_sae must be positive, got d_model={self.d_model}, d_sae={self.d_sae}")
         if not 0 < self.k <= self.d_sae:

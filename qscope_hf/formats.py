@@ -9,6 +9,12 @@ Every reader returns a :class:`Checkpoint` in the Qwen-Scope orientation (``W_en
   name of the weights file).
 - ``saelens``: ``cfg.json`` plus ``sae_weights.safetensors`` in one directory, weights transposed
   (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``), as SAELens' ``SAE.load_from_disk`` reads them.
+- ``sparsify``: ``cfg.json`` plus ``sae.safetensors`` (``encoder.weight [d_sae, d_in]``, ``encoder.bias``,
+  ``W_dec [d_sae, d_in]``, ``b_dec``; the encoder reads ``x − b_dec``), as eai-sparsify's
+  ``SparseCoder.save_to_disk`` writes them, in a directory named after the hook point (``layers.10``).
+
+Encoders that subtract ``b_dec`` from their input (SAELens ``apply_b_dec_to_input``, sparsify) are folded into
+``b_enc − W_enc · b_dec`` in at least fp32 on reading, and unfolded on writing, so the Qwen-Scope formula holds.
 
 Sources: a local file or directory in any of these layouts, a Qwen-Scope release repo id (only the requested
 layer file is downloaded, via ``huggingface_hub``), or any other hub repo in the qscope layout.
@@ -17,7 +23,9 @@ layer file is downloaded, via ``huggingface_hub``), or any other hub repo in the
 from __future__ import annotations
 
 import json
+import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,20 +37,20 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, 
 from torch import Tensor
 
 from .config import RESID_POST, SAEConfig
+from .errors import CheckpointError
 from .releases import Release, get_release, is_release_name
 
-FORMATS = ("qscope", "qwen-scope", "saelens")
+FORMATS = ("qscope", "qwen-scope", "saelens", "sparsify")
 TENSOR_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec")
 SAELENS_CONFIG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
+SPARSIFY_WEIGHTS = "sae.safetensors"
 #: The SAELens version whose config conventions qscope writes (``k`` at the top level, metadata block).
 SAELENS_FORMAT_VERSION = "6.0.0"
 
 _LAYER_FILE = re.compile(r"^layer(\d+)\.(sae\.pt|safetensors)$")
-_SAELENS_HOOK = re.compile(r"blocks\.(\d+)\.hook_resid_post$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is not a valid TopK SAE: missing keys, inconsistent shapes, unsupported options."""
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+_HF_LAYER = re.compile(r"^(?:base_model\.model\.)?(?:model\.|model\.language_model\.|transformer\.|gpt_neox\.)?"
+                       r"(?:layers|h)\.(\d+)$")
 
 
 @dataclass
@@ -62,19 +70,93 @@ def weights_name(layer: int, fmt: str) -> str:
 
 
 def _check_tensors(tensors: dict[str, Tensor], origin: str) -> tuple[int, int]:
-    """Validate keys and shapes; return ``(d_model, d_sae)``."""
+    """Validate keys, dtypes and shapes (Qwen-Scope orientation); return ``(d_model, d_sae)``. Extra keys are
+    dropped with a warning naming them."""
     missing = [key for key in TENSOR_KEYS if key not in tensors]
     if missing:
         raise CheckpointError(f"malformed checkpoint {origin}: missing {missing} (has {sorted(tensors)})")
+    extra = sorted(set(tensors) - set(TENSOR_KEYS))
+    if extra:
+        warnings.warn(f"{origin}: ignoring tensors {extra}, which a plain TopK SAE does not have (the SAE may not "
+                      "be a plain TopK SAE)", stacklevel=4)
+        for key in extra:
+            del tensors[key]
+    for key in TENSOR_KEYS:
+        if not isinstance(tensors[key], Tensor) or not tensors[key].is_floating_point():
+            kind = tensors[key].dtype if isinstance(tensors[key], Tensor) else type(tensors[key]).__name__
+            raise CheckpointError(f"malformed checkpoint {origin}: {key} must be a floating-point tensor, got {kind}")
     if tensors["W_enc"].dim() != 2:
         raise CheckpointError(f"malformed checkpoint {origin}: W_enc must be 2-D, got {tuple(tensors['W_enc'].shape)}")
     d_sae, d_model = tensors["W_enc"].shape
-    expected = {"W_enc": (d_sae, d_model), "W_dec": (d_model, d_sae), "b_enc": (d_sae,), "b_dec": (d_model,)}
+    biases = (tensors["b_enc"].numel(), tensors["b_dec"].numel())
+    if d_sae != d_model and biases == (d_model, d_sae):
+        raise CheckpointError(f"malformed checkpoint {origin}: W_enc is stored transposed {(d_sae, d_model)}; the "
+                              f"Qwen-Scope orientation is (d_sae, d_model) = {biases} (from b_enc and b_dec)")
+    expected = {"W_dec": (d_model, d_sae), "b_enc": (d_sae,), "b_dec": (d_model,)}
     for key, shape in expected.items():
-        if tuple(tensors[key].shape) != shape:
-            raise CheckpointError(f"malformed checkpoint {origin}: {key} has shape {tuple(tensors[key].shape)}, "
-                                  f"expected {shape} for d_model={d_model}, d_sae={d_sae}")
+        found = tuple(tensors[key].shape)
+        if key == "W_dec" and found == shape[::-1] and d_sae != d_model:
+            raise CheckpointError(f"malformed checkpoint {origin}: W_dec is stored transposed {found}; the Qwen-Scope "
+                                  f"orientation is (d_model, d_sae) = {shape}")
+        if found != shape:
+            raise CheckpointError(f"malformed checkpoint {origin}: {key} has shape {found}, expected {shape} for "
+                                  f"d_model={d_model}, d_sae={d_sae}")
     return d_model, d_sae
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return safetensors.torch.load_file(path)
+    except Exception as error:  # SafetensorError, or OSError on an unreadable file
+        raise CheckpointError(f"{path} cannot be read as a safetensors file (empty, truncated or another "
+                              f"format): {error}") from None
+
+
+def _fold_input_bias(tensors: dict[str, Tensor]) -> None:
+    """``encode(x − b_dec) == encode(x)`` with ``b_enc − W_enc · b_dec``: fold it, in at least fp32."""
+    shift = tensors["W_enc"].double().mv(tensors["b_dec"].double())
+    wide = torch.promote_types(tensors["b_enc"].dtype, torch.float32)
+    tensors["b_enc"] = (tensors["b_enc"].double() - shift).to(wide)
+
+
+def _unfold_input_bias(tensors: dict[str, Tensor]) -> Tensor:
+    """The encoder bias of an encoder that reads ``x − b_dec`` (inverse of :func:`_fold_input_bias`)."""
+    shift = tensors["W_enc"].double().mv(tensors["b_dec"].double())
+    return (tensors["b_enc"].double() + shift).to(tensors["b_enc"].dtype)
+
+
+def hook_layer(hook_name: str, origin: str) -> int:
+    """The decoder layer whose output the hook point ``hook_name`` reads, i.e. qscope's SAE layer.
+
+    TransformerLens / SAELens names: ``blocks.n.hook_resid_post`` is layer ``n``; ``blocks.n.hook_resid_pre`` is the
+    output of block ``n − 1`` (``n = 0`` reads the embeddings, which no qscope SAE does). HF module names of a
+    decoder layer (``model.layers.n``, ``layers.n``, ``model.language_model.layers.n``, ``transformer.h.n``, …)
+    are that layer's output. Anything else (``hook_resid_mid``, ``hook_mlp_out``, ``attn.hook_z``, a submodule of a
+    layer) reads somewhere else in the block: a :class:`CheckpointError` naming it.
+    """
+    block = _BLOCK_HOOK.match(hook_name)
+    if block:
+        layer = int(block.group(1)) - (block.group(2) == "pre")
+        if layer < 0:
+            raise CheckpointError(f"{origin}: {hook_name!r} reads the embeddings (before block 0); qscope SAEs read "
+                                  "the output of a decoder layer")
+        return layer
+    module = _HF_LAYER.match(hook_name)
+    if module:
+        return int(module.group(1))
+    raise CheckpointError(f"{origin}: hook point {hook_name!r} is not the residual stream after a decoder layer "
+                          "(supported: blocks.N.hook_resid_post, blocks.N.hook_resid_pre, HF decoder-layer module "
+                          "names such as model.layers.N)")
 
 
 def _release_in_path(path: Path) -> Release | None:
@@ -90,13 +172,26 @@ def _release_in_path(path: Path) -> Release | None:
 
 
 def _torch_load(path: Path) -> dict[str, Tensor]:
+    """A ``torch.save`` dict of tensors, read with ``weights_only=True`` (never executing pickled code)."""
+    with path.open("rb") as file:
+        head = file.read(9)
+    if not head:
+        raise CheckpointError(f"{path} is empty")
+    if len(head) == 9 and head[8:9] == b"{":
+        raise CheckpointError(f"{path} looks like a safetensors file, not a torch.save checkpoint: name it "
+                              f"{path.name.replace('.sae.pt', '.safetensors')}")
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # a torch zip archive, or a (legacy torch) pickle
+        raise CheckpointError(f"{path} is not a torch.save checkpoint (it starts with {head[:4]!r})")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # weights_only refuses anything but plain tensors and containers
-        message = f"{path} is not a plain tensor checkpoint (loaded with weights_only=True): {error}"
-        raise CheckpointError(message) from None
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} is not a plain tensor checkpoint: it holds Python objects other than tensors "
+                              "(qscope reads checkpoints as plain tensors and never runs pickled code)") from None
+    except Exception:  # a truncated archive: torch's messages vary (OSError, RuntimeError, EOFError, ...)
+        raise CheckpointError(f"{path} cannot be read as a torch.save checkpoint (truncated or corrupt)") from None
     if not isinstance(loaded, dict):
         raise CheckpointError(f"malformed checkpoint {path}: expected a dict of tensors, got {type(loaded).__name__}")
     return loaded
@@ -105,7 +200,7 @@ def _torch_load(path: Path) -> dict[str, Tensor]:
 def _read_weights(path: Path) -> dict[str, Tensor]:
     if path.name.endswith(".sae.pt"):
         return _torch_load(path)
-    return safetensors.torch.load_file(path)
+    return _read_safetensors(path)
 
 
 def _read_layer_file(path: Path, layer: int | None, overrides: dict[str, Any], release: Release | None) -> Checkpoint:
@@ -120,7 +215,11 @@ def _read_layer_file(path: Path, layer: int | None, overrides: dict[str, Any], r
     tensors = _read_weights(path)
     d_model, d_sae = _check_tensors(tensors, str(path))
     sidecar = path.with_name(sidecar_name(file_layer))
-    meta: dict[str, Any] = json.loads(sidecar.read_text()) if sidecar.exists() else {}
+    meta: dict[str, Any] = _read_json(sidecar) if sidecar.exists() else {}
+    hook = meta.pop("hook_point", RESID_POST)
+    if hook != RESID_POST and hook_layer(str(hook), str(sidecar)) != file_layer:
+        raise CheckpointError(f"{sidecar}: hook point {hook!r} reads layer {hook_layer(str(hook), str(sidecar))}, "
+                              f"but the weights file is for layer {file_layer}")
     release = release or _release_in_path(path)
     if release is not None:
         if (d_model, d_sae) != (release.d_model, release.d_sae):
@@ -141,32 +240,59 @@ def _read_layer_file(path: Path, layer: int | None, overrides: dict[str, Any], r
 
 
 def _read_saelens(directory: Path, layer: int | None, overrides: dict[str, Any]) -> Checkpoint:
-    cfg = json.loads((directory / SAELENS_CONFIG).read_text())
+    cfg = _read_json(directory / SAELENS_CONFIG)
     origin = str(directory)
     architecture = cfg.get("architecture") or ("topk" if cfg.get("activation_fn") == "topk" else "standard")
-    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
-    if architecture != "topk" or k is None:
+    if architecture != "topk":
         raise CheckpointError(f"{origin}: only TopK SAEs are supported, got architecture {architecture!r}")
+    k = cfg["k"] if cfg.get("k") is not None else (cfg.get("activation_fn_kwargs") or {}).get("k")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise CheckpointError(f"{origin}: a TopK SAE needs an integer k >= 1, cfg.json says k={k!r}")
     for option, fine in (("normalize_activations", "none"), ("rescale_acts_by_decoder_norm", False)):
         if cfg.get(option, fine) != fine:
             raise CheckpointError(f"{origin}: SAELens option {option}={cfg[option]!r} is not supported")
-    weights = safetensors.torch.load_file(directory / SAELENS_WEIGHTS)
-    tensors = {key: weights[key] for key in TENSOR_KEYS if key in weights}
-    for key in ("W_enc", "W_dec"):
-        if key in tensors:
-            tensors[key] = tensors[key].T
+    weights = _read_safetensors(directory / SAELENS_WEIGHTS)
+    tensors = {key: value.T if key in ("W_enc", "W_dec") and value.dim() == 2 else value
+               for key, value in weights.items()}
     d_model, d_sae = _check_tensors(tensors, origin)
     if cfg.get("apply_b_dec_to_input", False):
-        # encode(x - b_dec) == encode(x) with b_enc - W_enc @ b_dec: fold it so the Qwen-Scope formula holds.
-        shift = tensors["W_enc"].double().mv(tensors["b_dec"].double())
-        tensors["b_enc"] = tensors["b_enc"] - shift.to(tensors["b_enc"].dtype)
+        _fold_input_bias(tensors)
     metadata = cfg.get("metadata") or {}
-    hook = _SAELENS_HOOK.search(metadata.get("hook_name") or cfg.get("hook_name") or "")
-    file_layer = int(hook.group(1)) if hook else None
+    hook_name = metadata.get("hook_name") or cfg.get("hook_name")
+    file_layer = None if hook_name is None else hook_layer(hook_name, origin)
     if layer is not None and file_layer is not None and layer != file_layer:
         raise ValueError(f"layer={layer} was asked for but {origin} reads layer {file_layer}")
     meta = {"d_model": d_model, "d_sae": d_sae, "k": k, "layer": layer if file_layer is None else file_layer,
             "model_id": metadata.get("model_name") or cfg.get("model_name"), "activation": "relu_topk"}
+    meta.update({key: value for key, value in overrides.items() if value is not None})
+    return Checkpoint(SAEConfig.from_dict(meta), tensors)
+
+
+def _read_sparsify(directory: Path, layer: int | None, overrides: dict[str, Any]) -> Checkpoint:
+    """A sparsify ``SparseCoder.save_to_disk`` directory; its name, when a hook point, gives the layer."""
+    cfg = _read_json(directory / SAELENS_CONFIG)
+    origin = str(directory)
+    if cfg.get("activation", "topk") != "topk":
+        raise CheckpointError(f"{origin}: only TopK sparse coders are supported, got activation "
+                              f"{cfg.get('activation')!r}")
+    if cfg.get("transcode") or cfg.get("skip_connection"):
+        raise CheckpointError(f"{origin}: transcoders and skip connections are not SAEs of one layer's residual "
+                              "stream (cfg.json: transcode / skip_connection)")
+    k = cfg.get("k")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise CheckpointError(f"{origin}: a TopK SAE needs an integer k >= 1, cfg.json says k={k!r}")
+    weights = _read_safetensors(directory / SPARSIFY_WEIGHTS)
+    renamed = {"encoder.weight": "W_enc", "encoder.bias": "b_enc"}
+    tensors = {renamed.get(key, key): value for key, value in weights.items()}
+    if isinstance(tensors.get("W_dec"), Tensor) and tensors["W_dec"].dim() == 2:
+        tensors["W_dec"] = tensors["W_dec"].T
+    d_model, d_sae = _check_tensors(tensors, origin)
+    _fold_input_bias(tensors)
+    file_layer = hook_layer(directory.name, origin) if _HF_LAYER.match(directory.name) else None
+    if layer is not None and file_layer is not None and layer != file_layer:
+        raise ValueError(f"layer={layer} was asked for but {origin} reads layer {file_layer}")
+    meta = {"d_model": d_model, "d_sae": d_sae, "k": k, "layer": layer if file_layer is None else file_layer,
+            "activation": "relu_topk"}
     meta.update({key: value for key, value in overrides.items() if value is not None})
     return Checkpoint(SAEConfig.from_dict(meta), tensors)
 
@@ -179,9 +305,17 @@ def _read_local(path: Path, layer: int | None, overrides: dict[str, Any]) -> Che
     if path.is_file():
         if path.name == SAELENS_WEIGHTS:
             return _read_saelens(path.parent, layer, overrides)
+        if path.name == SPARSIFY_WEIGHTS:
+            return _read_sparsify(path.parent, layer, overrides)
         return _read_layer_file(path, layer, overrides, None)
     if (path / SAELENS_CONFIG).exists():
-        return _read_saelens(path, layer, overrides)
+        reader = _read_sparsify if (path / SPARSIFY_WEIGHTS).exists() else _read_saelens
+        return reader(path, layer, overrides)
+    if layer is not None:
+        hookpoints = [p for p in path.iterdir() if p.is_dir() and _HF_LAYER.match(p.name)
+                      and int(_HF_LAYER.match(p.name).group(1)) == layer and (p / SPARSIFY_WEIGHTS).exists()]
+        if len(hookpoints) == 1:  # a sparsify run directory: one sub-directory per hook point
+            return _read_sparsify(hookpoints[0], layer, overrides)
     present = _layers_in(path)
     if layer is None:
         if len(present) != 1:
@@ -262,6 +396,22 @@ def write(config: SAEConfig, tensors: dict[str, Tensor], directory: str | Path, 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     plain = {key: tensors[key].detach().cpu().contiguous() for key in TENSOR_KEYS}
+    if fmt == "sparsify":
+        if config.activation != "relu_topk":
+            raise ValueError("sparsify's TopK applies ReLU to the selected values; an activation='topk' SAE would "
+                             "change its outputs in sparsify format (save it as 'qscope' or 'qwen-scope')")
+        if config.layer is None:
+            raise ValueError("the sparsify layout names the directory by hook point: set the SAE's layer first")
+        directory = directory / f"layers.{config.layer}"
+        directory.mkdir(exist_ok=True)
+        coder = {"encoder.weight": plain["W_enc"], "encoder.bias": _unfold_input_bias(plain),
+                 "W_dec": plain["W_dec"].T.contiguous(), "b_dec": plain["b_dec"]}
+        safetensors.torch.save_file(coder, directory / SPARSIFY_WEIGHTS)
+        cfg = {"activation": "topk", "expansion_factor": max(1, config.d_sae // config.d_model),
+               "normalize_decoder": True, "num_latents": config.d_sae, "k": config.k, "multi_topk": False,
+               "skip_connection": False, "transcode": False, "d_in": config.d_model}
+        (directory / SAELENS_CONFIG).write_text(json.dumps(cfg))
+        return directory / SPARSIFY_WEIGHTS
     if fmt == "saelens":
         cfg = _saelens_config(config, plain["W_enc"].dtype)
         saelens = {**plain, "W_enc": plain["W_enc"].T.contiguous(), "W_dec": plain["W_dec"].T.contiguous()}

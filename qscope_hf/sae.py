@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from . import formats, ops
 from .config import RESID_POST, SAEConfig
+from .errors import FeatureIndexError
 
 Features = int | Sequence[int] | Tensor
 
@@ -97,6 +98,9 @@ class SparseAutoencoder(nn.Module):
 
     # -- checks -----------------------------------------------------------------------------------------------
     def _check_input(self, x: Tensor, what: str = "activations") -> None:
+        if not isinstance(x, Tensor) or x.dim() == 0:
+            raise ValueError(f"{what} must be a tensor [..., d_model={self.d_model}], got "
+                             f"{'a 0-d tensor' if isinstance(x, Tensor) else type(x).__name__}")
         if x.shape[-1] != self.d_model:
             raise ValueError(f"{what} have d_model={x.shape[-1]}, but this SAE reads d_model={self.d_model}")
         if x.device != self.device:
@@ -107,11 +111,15 @@ class SparseAutoencoder(nn.Module):
 
     def feature_index(self, features: Features) -> Tensor:
         """Validate feature ids and return them as a 1-D int64 tensor on the SAE's device."""
-        index = torch.as_tensor(features, dtype=torch.long).reshape(-1)
+        raw = torch.as_tensor(list(features) if isinstance(features, range) else features)
+        if raw.numel() and (raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool):
+            raise TypeError(f"feature ids must be integers, got {features!r}")
+        index = raw.to(torch.long).reshape(-1)
         if index.numel():
             bad = index[(index < 0) | (index >= self.d_sae)]
             if bad.numel():
-                raise IndexError(f"feature index {bad[0].item()} is out of range for an SAE with d_sae={self.d_sae}")
+                raise FeatureIndexError(f"feature index {bad[0].item()} is out of range for an SAE with "
+                                        f"d_sae={self.d_sae}")
         return index.to(self.device)
 
     # -- math (all through qscope_hf.ops) -----------------------------------------------------------------------

@@ -9,7 +9,8 @@ Public ops (shapes ``x [..., d_model]``, ``W_enc [d_sae, d_model]``, ``b_enc [d_
 - :func:`feature_pre_acts` -> ``[..., S]`` pre-activations of selected features from their encoder rows;
 - :func:`dense_codes` / :func:`dense_decode`: conversions to and from dense ``[..., d_sae]`` codes.
 
-All accumulate in fp32 (fp64 for fp64) and return the activations' dtype; all are differentiable. Backends
+All accumulate in fp32 (fp64 for fp64) and return the activations' dtype; all are differentiable. A row of ``x``
+with a NaN or infinite entry encodes to NaN values with indices ``0..k-1`` on every backend. Backends
 (``reference``, ``chunked``, ``triton``) are chosen per call (``backend=``), by ``QSCOPE_OPS_BACKEND``, or
 from the device; see :mod:`.dispatch`.
 """
@@ -84,6 +85,10 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, activation: str
         values, indices = reference.topk_encode(x2, W_enc, b_enc, k, activation)
     else:
         values, indices = TopKEncode.apply(x2, W_enc, b_enc, k, activation, _kernels(name))
+    # One rule for non-finite input on every backend (their NaN orderings differ): NaN values, indices 0..k-1.
+    broken = ~x2.isfinite().all(-1, keepdim=True)  # [N, 1], no host sync
+    values = values.masked_fill(broken, float("nan"))
+    indices = torch.where(broken, torch.arange(k, device=indices.device), indices)
     return values.reshape(*lead, k), indices.reshape(*lead, k)
 
 
