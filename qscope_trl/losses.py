@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any
 
 import torch
@@ -32,8 +31,11 @@ from torch import Tensor, nn
 from trl import GRPOTrainer
 
 from qscope_hf import ops
+from qscope_hf.classes import add_mixin
+from qscope_hf.errors import ConfigError
 from qscope_hf.hooks import check_sae_fits, hook_layers
 from qscope_hf.sae import SparseAutoencoder
+from qscope_hf.validation import finite
 
 LANGUAGE_KEY = "sae_language"
 #: The row of samples in a language the penalty does not list (without baselines, or without a language column):
@@ -75,8 +77,7 @@ class SAEFeaturePenalty:
     terms: dict[int, _Term] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.lam < 0:
-            raise ValueError(f"the penalty weight must be >= 0, got lam={self.lam}")
+        finite("lam", self.lam, non_negative=True)
         saes = [self.saes] if isinstance(self.saes, SparseAutoencoder) else list(self.saes)
         if not saes:
             raise ValueError("SAEFeaturePenalty needs at least one SAE")
@@ -120,6 +121,8 @@ class SAEFeaturePenalty:
                 if self.language_column is not None and missing:
                     raise ValueError(f"baselines for {lang!r} at layer {sae.layer} lack features {missing}")
                 alpha[row] = torch.tensor([float(values.get(f, values.get(str(f), 0.0))) for f in union])
+        if not bool(alpha.isfinite().all()):
+            raise ConfigError(f"baselines must be finite numbers (layer {sae.layer} has NaN or infinite values)")
         index = sae.feature_index(union)
         with torch.no_grad():
             rows, bias = sae.W_enc[index].detach().clone(), sae.b_enc[index].detach().clone()
@@ -133,6 +136,8 @@ class SAEFeaturePenalty:
         """Map each sample's language to its row in the tables; an unknown language raises."""
         ids = []
         for lang in languages:
+            if lang is None:
+                raise ConfigError(f"a sample has no language (None in the {self.language_column!r} column)")
             if lang in self.languages:
                 ids.append(self.languages.index(lang))
             elif OTHER in self.languages:
@@ -273,17 +278,10 @@ class GRPOPenaltyMixin(SAEPenaltyMixin):
         return output
 
 
-@cache
-def _with_penalty(cls: type) -> type:
-    mixin = GRPOPenaltyMixin if issubclass(cls, GRPOTrainer) else SAEPenaltyMixin
-    return type(cls.__name__, (mixin, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
-
-
 def add_sae_penalty(trainer: Any, penalty: SAEFeaturePenalty) -> Any:
     """Add ``penalty`` to ``trainer``'s loss (an ``SFTTrainer`` or ``GRPOTrainer``, already constructed, with or
     without ``peft_config``); returns the trainer. The instance's class becomes a same-named subclass with
     :class:`SAEPenaltyMixin`; configuration errors are raised here, before training."""
-    if not isinstance(trainer, SAEPenaltyMixin):
-        trainer.__class__ = _with_penalty(type(trainer))
+    add_mixin(trainer, GRPOPenaltyMixin if isinstance(trainer, GRPOTrainer) else SAEPenaltyMixin)
     trainer._setup_sae_penalty(penalty)
     return trainer
