@@ -1,8 +1,9 @@
-"""User story 1: add an SAE feature monitor to an existing SFT run (one line: callbacks=[...]).
+"""User story 1: add an SAE feature monitor to an existing SFT run (one line: monitor.attach(trainer)).
 
 Every `every` steps the trainer's logs get, per chosen feature, its firing rate and mean activation on the
 completion tokens of the training batches (read during the training forward, no extra forward), plus the same on
-a fixed probe set. They reach TensorBoard / W&B like any metric. Offline on the tiny model.
+a fixed probe set. They reach TensorBoard / W&B like any metric, and the monitor's hooks are removed when
+training ends or raises. Offline on the tiny model.
 """
 
 from datasets import Dataset
@@ -28,8 +29,8 @@ trainer = SFTTrainer(
     args=SFTConfig(output_dir="/tmp/qscope_sft_monitor", max_steps=4, per_device_train_batch_size=4,
                    use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=2),
     peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
-    callbacks=[monitor],  # <- the addition
 )
+monitor.attach(trainer)  # <- the addition (callbacks=[monitor] works too)
 trainer.train()
 first = features[0]
 for entry in trainer.state.log_history:

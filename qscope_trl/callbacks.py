@@ -9,11 +9,18 @@ set is run (one extra no-grad forward at each logging step) and logged under ``s
 
 Completion tokens are those with ``labels != -100`` (SFT), the last ``logits_to_keep`` real tokens (GRPO), or all
 real tokens otherwise. Activations are read from each feature's own encoder row (no full encode).
+
+``monitor.attach(trainer)`` is the recommended way in: it puts the monitor first in the trainer's callbacks (so
+its metrics reach TensorBoard / W&B, which transformers places before user callbacks) and removes its hooks when
+``trainer.train()`` ends, also when it raises. Passed as ``callbacks=[monitor]`` instead, it works the same except
+that the metrics reach ``trainer.state.log_history`` and the console but not the reporting integrations that
+run before it, and hooks left by a run that raised are removed by ``monitor.close()``, ``with monitor:`` or the
+next ``train()``.
 """
 
 from __future__ import annotations
 
-import inspect
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,11 +28,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler
 
 from qscope_hf import ops
+from qscope_hf.errors import ConfigError
 from qscope_hf.hooks import check_sae_fits, decoder_layers, layer_hidden, layer_outputs, unwrap_model
 from qscope_hf.sae import SparseAutoencoder
+from qscope_hf.validation import finite, positive_int
 
 
 def _token_mask(kwargs: Mapping[str, Any], hidden: Tensor) -> Tensor:
@@ -56,16 +64,24 @@ class SAEFeatureMonitorCallback(TrainerCallback):
                  features: Sequence[int] | Mapping[int, Sequence[int]], *, every: int = 10, threshold: float = 0.0,
                  probe_texts: Sequence[str] | None = None, tokenizer: Any = None, prefix: str = "sae") -> None:
         saes = [saes] if isinstance(saes, SparseAutoencoder) else list(saes)
+        if not saes:
+            raise ConfigError("SAEFeatureMonitorCallback needs at least one SAE")
         self.saes = {sae.layer: sae for sae in saes}
         if not isinstance(features, Mapping):
             if len(saes) != 1:
-                raise ValueError("with several SAEs, pass features as a mapping layer -> feature ids")
+                raise ConfigError("with several SAEs, pass features as a mapping layer -> feature ids")
             features = {saes[0].layer: features}
+        unknown = sorted(set(features) - set(self.saes))
+        if unknown:
+            raise ConfigError(f"features are given for layers {unknown} but the SAEs read layers {sorted(self.saes)}")
         self.features = {layer: self.saes[layer].feature_index(list(ids)).cpu() for layer, ids in features.items()}
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+        empty = [layer for layer, index in self.features.items() if not index.numel()]
+        if not self.features or empty:
+            raise ConfigError(f"no features to monitor at layers {empty or sorted(self.saes)}")
+        positive_int("every", every)
+        finite("threshold", threshold, non_negative=True)
         if probe_texts is not None and tokenizer is None:
-            raise ValueError("probe_texts need a tokenizer")
+            raise ConfigError("probe_texts need a tokenizer")
         self.every, self.threshold, self.prefix = every, threshold, prefix
         self.probe_texts, self.tokenizer = probe_texts, tokenizer
         self._handles: list = []
@@ -121,20 +137,45 @@ class SAEFeatureMonitorCallback(TrainerCallback):
                          inner.register_forward_hook(after, with_kwargs=True)]
         self._handles += [layers[layer].register_forward_hook(reader(layer)) for layer in self.saes]
 
-    def _remove(self) -> None:
+    def close(self) -> None:
+        """Remove the monitor's hooks from the model (idempotent)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
+    def __enter__(self) -> SAEFeatureMonitorCallback:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def attach(self, trainer: Any) -> Any:
+        """Make this monitor the first callback of ``trainer`` and have ``trainer.train()`` remove its hooks when it
+        returns or raises; returns ``trainer``."""
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        callbacks.insert(0, self)
+        train = trainer.train
+
+        @functools.wraps(train)
+        def train_then_close(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return train(*args, **kwargs)
+            finally:
+                self.close()
+
+        trainer.train = train_then_close
+        return trainer
+
     # -- TrainerCallback events ---------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any):
-        self._run_first()
-        self._remove()
+        self.close()
         self._reset()
         self._install(model)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
-        self._remove()
+        self.close()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
         if state.global_step % self.every == 0:
@@ -185,17 +226,3 @@ class SAEFeatureMonitorCallback(TrainerCallback):
         for layer in self.saes:
             tokens = self._record(layer, captured[layer], inputs["attention_mask"].bool(), counts, sums)
         return self._metrics(f"{self.prefix}_probe", counts, sums, tokens)
-
-    def _run_first(self) -> None:
-        """Move this callback to the front of the trainer's callback list, so the metrics it adds in ``on_log`` reach
-        the reporting integrations (TensorBoard, W&B), which transformers places before user callbacks. The handler
-        is the caller of this event."""
-        frame = inspect.currentframe()
-        while frame is not None:
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, CallbackHandler) and self in owner.callbacks:
-                owner.callbacks.remove(self)
-                owner.callbacks.insert(0, self)
-                return
-            frame = frame.f_back
-

@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from qscope_hf import ops
+from qscope_hf.errors import ConfigError
 from qscope_hf.hooks import check_sae_fits, layer_outputs, unwrap_model
 from qscope_hf.sae import SparseAutoencoder
+from qscope_hf.validation import finite, positive_int
 
 REDUCTIONS = ("fraction", "max", "mean")
 
@@ -46,6 +48,11 @@ class SAEFeatureReward:
         self.layer = check_sae_fits(model, sae)
         self.model, self.tokenizer, self.sae = model, tokenizer, sae
         index = sae.feature_index(list(features))
+        if not index.numel():
+            raise ConfigError("SAEFeatureReward needs at least one feature")
+        finite("threshold", threshold, non_negative=True)
+        finite("weight", weight)
+        positive_int("batch_size", batch_size)
         with torch.no_grad():
             self.rows, self.bias = sae.W_enc[index].detach().clone(), sae.b_enc[index].detach().clone()
         self.features = index.tolist()
@@ -93,6 +100,10 @@ class SAEFeatureReward:
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]],
                  **kwargs: Any) -> list[float]:
+        if len(prompts) != len(completion_ids):
+            raise ValueError(f"{len(prompts)} prompts for {len(completion_ids)} completions")
+        if not completion_ids:
+            return []
         activity = self.activity(tokenize_prompts(self.tokenizer, prompts), completion_ids)
         return [-self.weight * value for value in activity]
 

@@ -21,7 +21,10 @@ from typing import Any
 import torch
 from trl.models import unwrap_model_for_generation
 
+from qscope_hf.corpus import pad_token_ids
+from qscope_hf.errors import ConfigError
 from qscope_hf.steering import SAELogitsProcessor, Steering, steering_list
+from qscope_hf.validation import finite, non_negative_int, positive_int
 
 from .rewards import tokenize_prompts
 
@@ -33,17 +36,27 @@ class SteeredNegativeRollouts:
     """
 
     def __init__(self, steering: Steering | Sequence[Steering], *, count: int = 1, probability: float | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, num_generations: int | None = None) -> None:
         self.steerings = steering_list(steering)
         if not self.steerings:
-            raise ValueError("SteeredNegativeRollouts needs at least one Steering spec")
-        if count < 0:
-            raise ValueError(f"count must be >= 0, got {count}")
-        if probability is not None and not 0.0 <= probability <= 1.0:
-            raise ValueError(f"probability must be in [0, 1], got {probability}")
+            raise ConfigError("SteeredNegativeRollouts needs at least one Steering spec")
+        non_negative_int("count", count)
+        if probability is not None and not 0.0 <= finite("probability", probability) <= 1.0:
+            raise ConfigError(f"probability must be in [0, 1], got {probability}")
+        if num_generations is not None and count > positive_int("num_generations", num_generations):
+            raise ConfigError(f"count={count} steered rollouts do not fit groups of num_generations={num_generations}")
         self.count, self.probability = count, probability
         self.generator = torch.Generator().manual_seed(seed)
         self.__name__ = "steered_negative_rollouts"
+
+    def attach(self, trainer: Any) -> Any:
+        """Use this as ``trainer``'s rollout function, after checking that ``count`` fits its groups (training and
+        evaluation); returns ``trainer``. Equivalent to ``GRPOTrainer(..., rollout_func=self)`` plus that check."""
+        for group in {trainer.num_generations, getattr(trainer, "num_generations_eval", None)} - {None}:
+            if self.count > group:
+                raise ConfigError(f"count={self.count} steered rollouts do not fit groups of {group} generations")
+        trainer.rollout_func = self
+        return trainer
 
     def steered_rows(self, n_rows: int, group: int) -> list[bool]:
         """Which rows of a batch of ``n_rows`` (groups of ``group`` consecutive rows) are steered."""
@@ -63,16 +76,12 @@ class SteeredNegativeRollouts:
             if prompt != prompts[i - i % group]:
                 raise ValueError(f"prompt {i} differs from the first of its group: GRPOTrainer is expected to pass "
                                  f"each prompt {group} times in a row")
-        tokenizer = getattr(trainer, "_tokenizer", None) or trainer.processing_class
+        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)  # processors wrap one
         prompt_ids = tokenize_prompts(tokenizer, prompts)
         flags = self.steered_rows(len(prompts), group)
         device = trainer.accelerator.device
         length = max(len(ids) for ids in prompt_ids)
-        input_ids = torch.full((len(prompt_ids), length), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(prompt_ids):
-            input_ids[row, length - len(ids):] = torch.tensor(ids)
-            attention_mask[row, length - len(ids):] = 1
+        input_ids, attention_mask = pad_token_ids(prompt_ids, tokenizer.pad_token_id, side="left")
         with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model, torch.no_grad():
             processor = SAELogitsProcessor(model, rows=[self.steerings if on else None for on in flags])
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),

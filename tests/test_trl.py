@@ -9,9 +9,10 @@ import torch
 from conftest import qscope_hooks
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
+from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
-from qscope_hf import Steering, decoder_layers
+from qscope_hf import ConfigError, Steering, decoder_layers
 from qscope_hf.tiny import tiny_model, tiny_sae, tiny_tokenizer
 from qscope_trl import (
     SAEFeatureMonitorCallback,
@@ -135,8 +136,14 @@ def test_sft_step_with_penalty_moves_only_lora_and_differently(tmp_path, sae):
 def test_bad_penalty_configuration_fails_at_construction(tmp_path, sae):
     with pytest.raises(IndexError, match="feature index 256 is out of range"):
         SAEFeaturePenalty(sae, {"zh": [256]})
-    with pytest.raises(ValueError, match="lam=-1"):
+    with pytest.raises(ValueError, match="lam must be a finite number >= 0, got -1"):
         SAEFeaturePenalty(sae, {"zh": [3]}, lam=-1)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="lam must be a finite number"):
+            SAEFeaturePenalty(sae, {"zh": [3]}, lam=bad)
+    with pytest.raises(ConfigError, match="baselines must be finite"):
+        penalty_for(sae, baselines={LAYER: {"en": {3: float("nan"), 9: 0.0, 100: 0.0},
+                                            "zh": {3: 0.0, 9: 0.0, 100: 0.0}}})
     with pytest.raises(ValueError, match="no baselines for language 'fr'"):
         SAEFeaturePenalty(sae, {"zh": [3], "fr": [4]}, baselines={LAYER: {"zh": {3: 0.0, 4: 0.0}}})
     wide = tiny_sae(32, 256, 8, layer=LAYER)
@@ -311,3 +318,31 @@ def test_two_process_sft_with_penalty_matches_one_process(tmp_path):
     after = torch.load(double / "lora.pt")
     for name, weight in before.items():
         torch.testing.assert_close(after[name], weight, rtol=1e-4, atol=1e-5)
+
+
+def test_monitor_hooks_are_removed_when_training_raises(tmp_path, sae):
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            raise RuntimeError("boom")
+
+    attached = SAEFeatureMonitorCallback(sae, [3, 9], every=1)
+    trainer = attached.attach(sft_trainer(tmp_path, callbacks=[Boom()]))
+    assert trainer.callback_handler.callbacks[0] is attached
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    assert not qscope_hooks(trainer.model)
+
+    passed = SAEFeatureMonitorCallback(sae, [3, 9], every=1)
+    trainer = sft_trainer(tmp_path, callbacks=[passed, Boom()])
+    with passed, pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    assert not qscope_hooks(trainer.model)
+
+
+def test_monitor_refuses_bad_configuration(sae):
+    with pytest.raises(ConfigError, match=r"features are given for layers \[3\] but the SAEs read layers \[1\]"):
+        SAEFeatureMonitorCallback(sae, {3: [1]})
+    with pytest.raises(ConfigError, match="no features to monitor"):
+        SAEFeatureMonitorCallback(sae, [])
+    with pytest.raises(ConfigError, match="every must be a positive integer"):
+        SAEFeatureMonitorCallback(sae, [1], every=0)
