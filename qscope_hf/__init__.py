@@ -1,8 +1,16 @@
 """qscope_hf: Qwen-Scope sparse autoencoders for transformers (SAE core, formats, hooks, steering, analysis)."""
 
 from . import ops
+from .calibration import Calibration, calibrate_strength, steered_cross_entropy
 from .config import SAEConfig
-from .formats import CheckpointError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    FeatureIndexError,
+    LayerError,
+    MissingColumnError,
+    QscopeError,
+)
 from .hooks import (
     add_to_layers,
     capture_layers,
@@ -12,6 +20,15 @@ from .hooks import (
     hook_layers,
     layer_outputs,
     unwrap_model,
+)
+from .output_scores import (
+    LogitLens,
+    OutputScores,
+    RankedFeature,
+    logit_lens,
+    output_scores,
+    rank_features,
+    unembedding,
 )
 from .releases import Release, UnknownReleaseError, find_release, get_release, list_releases, register_release
 from .sae import SparseAutoencoder
@@ -25,8 +42,28 @@ from .steering import (
     enable_steering,
     steered,
 )
+from .vectors import EffectApproximator, diff_means_vector, fit_effect_approximator, targeted_vector
 
 __all__ = [
+    "ConfigError",
+    "FeatureIndexError",
+    "LayerError",
+    "MissingColumnError",
+    "QscopeError",
+    "Calibration",
+    "EffectApproximator",
+    "LogitLens",
+    "OutputScores",
+    "RankedFeature",
+    "calibrate_strength",
+    "diff_means_vector",
+    "fit_effect_approximator",
+    "logit_lens",
+    "output_scores",
+    "rank_features",
+    "steered_cross_entropy",
+    "targeted_vector",
+    "unembedding",
     "CheckpointError",
     "FeatureTrace",
     "SAELogitsProcessor",

@@ -30,6 +30,8 @@ from torch import nn
 from .corpus import Corpus, layer_batches
 from .hooks import check_sae_fits
 from .sae import SparseAutoencoder
+from .validation import fraction as fraction_
+from .validation import positive_int
 
 Footprint = frozenset[int]
 
@@ -83,6 +85,8 @@ class CoverageCurve:
 
 def coverage_curve(prints: Sequence[Footprint], *, points: int = 20, draws: int = 50, seed: int = 0) -> CoverageCurve:
     """``c_n = E_S[|F(S)| / |F(D)|]`` for ``points`` subset sizes from 1 to N (``draws`` random subsets each)."""
+    positive_int("points", points)
+    positive_int("draws", draws)
     everything = union(prints)
     size = len(prints)
     rng = random.Random(seed)
@@ -138,6 +142,8 @@ def ranking_redundancy(scores: Mapping[str, Sequence[float]], *, fraction: float
                        seed: int = 0) -> float:
     """Ranking-stability redundancy ``R``: mean Kendall τ between the models' mean scores on random subsets of
     ``fraction`` of the samples and on the whole benchmark (``scores``: model -> per-sample scores)."""
+    fraction_("fraction", fraction)
+    positive_int("draws", draws)
     models = list(scores)
     lengths = {len(v) for v in scores.values()}
     if len(models) < 2 or len(lengths) != 1:

@@ -26,8 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from .corpus import Corpus, layer_batches
+from .errors import ConfigError
 from .hooks import check_sae_fits
 from .sae import SparseAutoencoder
+from .validation import finite, positive_int
 
 
 @dataclass
@@ -55,6 +57,8 @@ def collect_text_features(model: nn.Module, tokenizer: Any, saes: SparseAutoenco
                           skip_first: bool = True, progress: bool = True) -> TextFeatures:
     """One forward per batch for every SAE's layer; see :class:`TextFeatures`."""
     saes = [saes] if isinstance(saes, SparseAutoencoder) else list(saes)
+    if not saes:
+        raise ConfigError("no SAEs given")
     layers = [check_sae_fits(model, sae) for sae in saes]
     fired = {layer: [] for layer in layers}
     peak = {layer: [] for layer in layers}
@@ -157,6 +161,8 @@ def fit_feature_classifier(features: TextFeatures, labels: Sequence[Any], *, top
                            sae_sources: Mapping[int, str] | None = None) -> FeatureClassifier:
     """Keep the ``top_k`` features with the largest Δ per chosen layer (``"top1-diff"``: the layer whose best single
     feature has the largest Δ)."""
+    positive_int("top_k", top_k)
+    finite("epsilon", epsilon, non_negative=True)
     deltas = feature_deltas(features, labels)
     if layers == "top1-diff":
         chosen = [max(deltas, key=lambda layer: float(deltas[layer].max()))]

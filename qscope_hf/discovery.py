@@ -17,8 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from .corpus import Corpus, as_dataset, layer_batches
+from .errors import ConfigError
 from .hooks import check_sae_fits, layer_outputs
 from .sae import SparseAutoencoder
+from .validation import non_negative_int, positive_int
 
 #: Multipliers of the firing-rate difference (in percentage points) for suggested strengths, and the strengths
 #: to use without comparison data (the Qwen-Scope demo's presets; the percentage-point reading is ours).
@@ -155,6 +157,11 @@ def activation_stats(model: nn.Module, tokenizer: Any, saes: SparseAutoencoder |
     :func:`common_tokens`). ``n_contexts`` top-activating contexts are kept per feature.
     """
     saes = [saes] if isinstance(saes, SparseAutoencoder) else list(saes)
+    positive_int("batch_size", batch_size)
+    positive_int("max_length", max_length)
+    non_negative_int("n_contexts", n_contexts)
+    if not saes:
+        raise ConfigError("no SAEs given")
     layers = [check_sae_fits(model, sae) for sae in saes]
     if len(set(layers)) != len(layers):
         raise ValueError(f"one SAE per layer, got layers {layers}")
@@ -225,7 +232,8 @@ def contrast_features(stats_a: FeatureStats | dict[int, FeatureStats], stats_b: 
     towards A (use :data:`DEFAULT_STRENGTHS` when there is no comparison corpus).
     """
     if by not in ("rate", "mean"):
-        raise ValueError(f"by must be 'rate' or 'mean', got {by!r}")
+        raise ConfigError(f"by must be 'rate' or 'mean', got {by!r}")
+    positive_int("top", top)
     a, b = _by_layer(stats_a), _by_layer(stats_b)
     if set(a) != set(b):
         raise ValueError(f"the two corpora were analysed at different layers: {sorted(a)} vs {sorted(b)}")
@@ -268,6 +276,7 @@ def language_features(model: nn.Module, tokenizer: Any, saes: SparseAutoencoder 
                       top: int = 20, **stats_options: Any) -> dict[int, dict[str, list[int]]]:
     """Per layer and language L, the ``top`` features by monolinguality: mean activation on L minus the mean of
     their mean activations on the other languages (METHODS.md §7). Streams over ``data`` once."""
+    positive_int("top", top)
     subsets = _language_subsets(data, language_column)
     stats_options.setdefault("progress", False)
     means = {lang: activation_stats(model, tokenizer, saes, subset, text_column=text_column, **stats_options)
@@ -290,6 +299,10 @@ def estimate_language_baselines(model: nn.Module, tokenizer: Any, saes: SparseAu
     """α per layer, language and feature: the mean pre-activation ``f_s(x)`` of each feature in ``features[layer]``
     over the tokens (first token of each text skipped) of that language's texts — the baseline of the SASFT loss."""
     saes = {sae.layer: sae for sae in ([saes] if isinstance(saes, SparseAutoencoder) else saes)}
+    positive_int("batch_size", batch_size)
+    positive_int("max_length", max_length)
+    if not features or not all(list(fs) for fs in features.values()):
+        raise ConfigError(f"features must name at least one feature per layer, got {features!r}")
     for layer in features:
         if layer not in saes:
             raise ValueError(f"no SAE given for layer {layer} (SAEs for layers {sorted(saes)})")
@@ -324,6 +337,8 @@ def repetition_features(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder
     (text, token) pairs; returns ``[(feature, mean rise)]`` for the ``top`` largest rises.
     """
     layer = check_sae_fits(model, sae)
+    positive_int("top", top)
+    positive_int("max_length", max_length)
     total, pairs = torch.zeros(sae.d_sae, dtype=torch.float64), 0
     device = next(model.parameters()).device
     for text in texts:

@@ -37,8 +37,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import ops
+from .errors import ConfigError
 from .hooks import check_layer, hidden_size, hook_layers, layer_outputs
 from .sae import SparseAutoencoder
+from .validation import finite, positive_int
 
 CHECKPOINT = "trainer_state.pt"
 
@@ -68,6 +70,26 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int | None = None
     log_every: int = 20
+
+    def __post_init__(self) -> None:
+        self.layers = list(self.layers)
+        if not self.layers or not all(isinstance(layer, int) and layer >= 0 for layer in self.layers):
+            raise ConfigError(f"layers must be a non-empty list of layer indices >= 0, got {self.layers!r}")
+        for name in ("k", "expansion", "batch_tokens", "total_tokens", "context_length", "text_batch_size",
+                     "buffer_tokens", "dead_after_tokens", "log_every"):
+            positive_int(name, getattr(self, name))
+        for name in ("d_sae", "aux_k", "checkpoint_every"):
+            if getattr(self, name) is not None:
+                positive_int(name, getattr(self, name))
+        for name in ("lr", "norm_filter"):
+            if getattr(self, name) is not None:
+                finite(name, getattr(self, name), positive=True)
+        finite("aux_coef", self.aux_coef, non_negative=True)
+        if self.buffer_tokens < self.batch_tokens:
+            raise ConfigError(f"buffer_tokens={self.buffer_tokens} must hold at least one batch of "
+                              f"batch_tokens={self.batch_tokens}")
+        if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
+            raise ConfigError(f"dtype must be one of float32, bfloat16, float16, float64; got {self.dtype!r}")
 
 
 @dataclass
@@ -333,6 +355,10 @@ def evaluate_saes(model: nn.Module, tokenizer: Any, saes: Sequence[SparseAutoenc
 
     Per batch: one forward reads every SAE's layer, one gives the clean loss, two per SAE the spliced and zeroed
     losses."""
+    positive_int("context_length", context_length)
+    positive_int("batch_size", batch_size)
+    if not saes:
+        raise ConfigError("no SAEs to evaluate")
     device = next(model.parameters()).device
     layers = [sae.layer for sae in saes]
     sums = {layer: {"err": 0.0, "sq": 0.0, "sum": 0.0, "n": 0, "l0": 0.0} for layer in layers}
