@@ -58,7 +58,8 @@ def test_outputs_load_in_every_layout(trained):
 
 
 def test_saelens_reads_the_trained_saes(trained):
-    sae_lens = pytest.importorskip("sae_lens")
+    import sae_lens  # the interop extra, installed with dev
+
     _, _, trainer, out = trained
     theirs = sae_lens.SAE.load_from_disk(str(out / "saelens" / "layer1"))
     ours = trainer.saes[1]
