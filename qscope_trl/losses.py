@@ -99,8 +99,9 @@ class SAEFeaturePenalty:
             if layer not in features:
                 raise ValueError(f"no features given for layer {layer} (features for layers {sorted(features)})")
             features = features[layer]
-        if not features:
-            raise ValueError(f"no penalised features for layer {layer}")
+        if not features or not all(list(ids) for ids in features.values()):
+            raise ConfigError(f"no penalised features for layer {layer} (every language needs at least one feature, "
+                              f"got {dict(features)!r})")
         return features
 
     def _term(self, sae: SparseAutoencoder, features: LanguageFeatures) -> _Term:

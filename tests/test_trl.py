@@ -141,6 +141,8 @@ def test_bad_penalty_configuration_fails_at_construction(tmp_path, sae):
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="lam must be a finite number"):
             SAEFeaturePenalty(sae, {"zh": [3]}, lam=bad)
+    with pytest.raises(ConfigError, match="no penalised features for layer 1"):
+        SAEFeaturePenalty(sae, {"zh": []})
     with pytest.raises(ConfigError, match="baselines must be finite"):
         penalty_for(sae, baselines={LAYER: {"en": {3: float("nan"), 9: 0.0, 100: 0.0},
                                             "zh": {3: 0.0, 9: 0.0, 100: 0.0}}})
@@ -346,3 +348,22 @@ def test_monitor_refuses_bad_configuration(sae):
         SAEFeatureMonitorCallback(sae, [])
     with pytest.raises(ConfigError, match="every must be a positive integer"):
         SAEFeatureMonitorCallback(sae, [1], every=0)
+
+
+def test_rewards_and_rollouts_refuse_bad_configuration(tmp_path, sae):
+    model, tokenizer = tiny_model("qwen3"), tiny_tokenizer()
+    with pytest.raises(ConfigError, match="needs at least one feature"):
+        SAEFeatureReward(model, tokenizer, sae, [])
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+        SAEFeatureReward(model, tokenizer, sae, [3], batch_size=0)
+    with pytest.raises(ConfigError, match="weight must be a finite number"):
+        SAEFeatureReward(model, tokenizer, sae, [3], weight=float("nan"))
+    assert SAEFeatureReward(model, tokenizer, sae, [3])(prompts=[], completions=[], completion_ids=[]) == []
+    spec = Steering(sae, 3, 4.0)
+    with pytest.raises(ConfigError, match="count=5 steered rollouts do not fit groups of num_generations=4"):
+        SteeredNegativeRollouts(spec, count=5, num_generations=4)
+    trainer = grpo_trainer(tmp_path, [lambda completion_ids, **kwargs: [0.0] * len(completion_ids)])
+    with pytest.raises(ConfigError, match="count=5 steered rollouts do not fit groups of 4 generations"):
+        SteeredNegativeRollouts(spec, count=5).attach(trainer)
+    rollouts = SteeredNegativeRollouts(spec, count=1)
+    assert rollouts.attach(trainer) is trainer and trainer.rollout_func is rollouts
