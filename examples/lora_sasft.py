@@ -20,10 +20,9 @@ texts = Dataset.from_dict({
     "text": ["the weather is nice today", "I read a good book", "我们今天去公园", "这本书很好看"] * 3,
     "language": ["en", "en", "zh", "zh"] * 3,
 })
-features = language_features(model, tokenizer, saes, texts, top=4)   # {layer: {"en": [...], "zh": [...]}}
-baselines = estimate_language_baselines(model, tokenizer, saes, {layer: f["zh"] for layer, f in features.items()},
-                                        texts, progress=False)
-print("Chinese features per layer:", {layer: f["zh"] for layer, f in features.items()})
+found = language_features(model, tokenizer, saes, texts, top=4)       # layer -> language -> feature ids
+baselines = estimate_language_baselines(model, tokenizer, saes, found, texts, progress=False)   # α per language
+print("Chinese features per layer:", {layer: ids["zh"] for layer, ids in found.of("zh").items()})
 
 data = Dataset.from_dict({"prompt": ["Answer in English: ", "Describe: ", "用中文回答: ", "Translate: "] * 4,
                           "completion": ["sure, here it is", "a small house", "好的", "a red apple"] * 4,
@@ -34,8 +33,8 @@ trainer = SFTTrainer(
                    bf16=False, report_to="none", save_strategy="no", logging_steps=1),
     peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
 )
-penalty = SAEFeaturePenalty(saes, {layer: {"zh": f["zh"]} for layer, f in features.items()}, lam=1e-3,
-                            baselines=baselines, language_column="language")   # <- the addition (1/2)
+penalty = SAEFeaturePenalty(saes, found.of("zh"), lam=1e-3, baselines=baselines,
+                            language_column="language")                         # <- the addition (1/2)
 add_sae_penalty(trainer, penalty)                                               # <- the addition (2/2)
 trainer.train()
 print([round(entry["sae_penalty"], 4) for entry in trainer.state.log_history if "sae_penalty" in entry])

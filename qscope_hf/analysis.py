@@ -22,28 +22,31 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
 from .corpus import Corpus, layer_batches
+from .errors import ConfigError
 from .hooks import check_sae_fits
 from .sae import SparseAutoencoder
 from .validation import fraction as fraction_
 from .validation import positive_int
 
 Footprint = frozenset[int]
+FootprintMode = Literal["all", "last"]
+FOOTPRINT_MODES: tuple[FootprintMode, ...] = get_args(FootprintMode)
 
 
 @torch.no_grad()
-def footprints(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, data: Corpus, *, mode: str = "all",
+def footprints(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, data: Corpus, *, mode: FootprintMode = "all",
                text_column: str = "text", batch_size: int = 8, max_length: int = 512,
                skip_first: bool = True) -> list[Footprint]:
     """The features firing on each sample: on every real token (``mode="all"``, each text's first token skipped
     unless ``skip_first=False``) or on its last token (``mode="last"``)."""
-    if mode not in ("all", "last"):
-        raise ValueError(f"mode must be 'all' or 'last', got {mode!r}")
+    if mode not in FOOTPRINT_MODES:
+        raise ConfigError(f"mode must be one of {FOOTPRINT_MODES}, got {mode!r}")
     layer = check_sae_fits(model, sae)
     result = []
     for batch in layer_batches(model, tokenizer, [layer], data, text_column=text_column, batch_size=batch_size,

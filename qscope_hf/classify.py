@@ -20,7 +20,7 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -157,7 +157,7 @@ class FeatureClassifier:
 
 
 def fit_feature_classifier(features: TextFeatures, labels: Sequence[Any], *, top_k: int = 10,
-                           layers: str | Sequence[int] = "top1-diff", epsilon: float = 0.0,
+                           layers: Literal["top1-diff"] | Sequence[int] = "top1-diff", epsilon: float = 0.0,
                            sae_sources: Mapping[int, str] | None = None) -> FeatureClassifier:
     """Keep the ``top_k`` features with the largest Δ per chosen layer (``"top1-diff"``: the layer whose best single
     feature has the largest Δ)."""

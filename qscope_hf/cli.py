@@ -11,6 +11,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .analysis import FOOTPRINT_MODES
+from .discovery import CONTRAST_BY
+from .output_scores import RANKINGS
+from .steering import MODES, POSITIONS
+
 #: Mistakes a user can make on the command line (bad values, missing files, wrong shapes): one line, exit 1.
 USER_ERRORS = (ValueError, KeyError, IndexError, FileNotFoundError, OSError)
 
@@ -84,7 +89,7 @@ def _steer(args: argparse.Namespace) -> None:
     from .steering import SAELogitsProcessor, Steering
 
     model, tokenizer, sae = _model_and_sae(args)
-    positions = args.positions if args.positions in ("all", "prompt", "generated") else \
+    positions = args.positions if args.positions in POSITIONS else \
         [int(p) for p in args.positions.split(",")]
     spec = Steering(sae, args.feature, args.strength, positions=positions, mode=args.mode)
     if args.auto_strength:
@@ -215,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     discover.add_argument("--a", required=True, help="corpus A (texts to steer towards)")
     discover.add_argument("--b", required=True, help="corpus B")
     discover.add_argument("--top", type=_positive, default=10)
-    discover.add_argument("--by", choices=["rate", "mean", "output", "both"], default="rate",
+    discover.add_argument("--by", choices=[*CONTRAST_BY, *RANKINGS[1:]], default="rate",
                           help="rate/mean: contrast of corpus A vs B (what features respond to); output: every feature "
                                "by its output score towards --target; both: the --pool contrast candidates that "
                                "also have a positive output score")
@@ -236,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--max-ce-increase", type=float, default=0.5)
     steer.add_argument("--calibration-texts", default=None, help="texts for --auto-strength (default: built-in)")
     steer.add_argument("--positions", default="all", help="all, prompt, generated, or comma-separated indices")
-    steer.add_argument("--mode", choices=["add", "clamp", "gated"], default="add")
+    steer.add_argument("--mode", choices=MODES, default="add")
     steer.add_argument("--max-new-tokens", type=_positive, default=40)
     steer.set_defaults(run=_steer)
 
@@ -252,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(analyze)
     analyze.add_argument("--benchmarks", nargs="+", required=True, help="json/jsonl/csv/parquet/txt files")
     analyze.add_argument("--names", nargs="*", default=None)
-    analyze.add_argument("--mode", choices=["all", "last"], default="all", help="footprint over all or last tokens")
+    analyze.add_argument("--mode", choices=FOOTPRINT_MODES, default="all", help="footprint over all or last tokens")
     analyze.add_argument("--scores", default=None, help="JSON {benchmark: {model: [per-sample scores]}}")
     analyze.add_argument("--out", default="qscope_analysis.html")
     analyze.set_defaults(run=_analyze)

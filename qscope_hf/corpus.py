@@ -93,3 +93,16 @@ def pad_token_ids(sequences: Sequence[Sequence[int]], pad_id: int, *, side: str 
         input_ids[row, span] = torch.as_tensor(list(ids), dtype=torch.long)
         attention_mask[row, span] = 1
     return input_ids, attention_mask
+
+
+def chat_token_ids(tokenizer: Any, prompt: str | Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of ``prompt`` as a chat turn awaiting the assistant's answer: a user message (or a list of
+    messages) through the tokenizer's chat template with a generation prompt, or the plain text when the tokenizer
+    has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        if not isinstance(prompt, str):
+            raise ValueError("the tokenizer has no chat template to format a list of messages")
+        return tokenizer(prompt)["input_ids"]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"])

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from .corpus import chat_token_ids
 from .discovery import activation_stats, contrast_features, residual_norm
 from .hooks import check_sae_fits, layer_outputs
 from .sae import SparseAutoencoder
@@ -86,9 +87,8 @@ def contrast_demo(model, tokenizer, sae: SparseAutoencoder, prompt: str, contras
     norm = residual_norm(model, tokenizer, layer, french + english)
     strength = STRENGTH_OF_NORM * norm
     spec = Steering(sae, best.feature, strength, positions="generated")
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         return_tensors="pt", return_dict=True) \
-        if tokenizer.chat_template else tokenizer(prompt, return_tensors="pt")
+    ids = torch.tensor([chat_token_ids(tokenizer, prompt)])
+    chat = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     options = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     plain = model.generate(**chat, **options)
     steered = model.generate(**chat, **options, logits_processor=[SAELogitsProcessor(model, spec)])

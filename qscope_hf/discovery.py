@@ -10,21 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
-import datasets
 import torch
 from torch import Tensor, nn
 
 from .corpus import Corpus, as_dataset, layer_batches
 from .errors import ConfigError
-from .hooks import check_sae_fits, layer_outputs
+from .hooks import check_sae_fits
 from .sae import SparseAutoencoder
 from .validation import non_negative_int, positive_int
 
 #: Multipliers of the firing-rate difference (in percentage points) for suggested strengths, and the strengths
 #: to use without comparison data (the Qwen-Scope demo's presets; the percentage-point reading is ours).
 CONTRAST_MULTIPLIERS = (0.5, 2.0, 10.0)
+ContrastBy = Literal["rate", "mean"]
+CONTRAST_BY: tuple[ContrastBy, ...] = get_args(ContrastBy)
 DEFAULT_STRENGTHS = (5.0, 20.0, 100.0)
 
 @dataclass
@@ -224,15 +225,15 @@ def _by_layer(stats: FeatureStats | dict[int, FeatureStats]) -> dict[int, Featur
 
 
 def contrast_features(stats_a: FeatureStats | dict[int, FeatureStats], stats_b: FeatureStats | dict[int, FeatureStats],
-                      *, top: int = 20, by: str = "rate") -> list[ContrastRow]:
+                      *, top: int = 20, by: ContrastBy = "rate") -> list[ContrastRow]:
     """The ``top`` features per layer ranked by ``|rate_A − rate_B|`` (``by="rate"``) or by
     ``|mean_A − mean_B|`` (``by="mean"``), best first.
 
     ``strengths`` are :data:`CONTRAST_MULTIPLIERS` × the rate difference in percentage points, signed to steer
     towards A (use :data:`DEFAULT_STRENGTHS` when there is no comparison corpus).
     """
-    if by not in ("rate", "mean"):
-        raise ConfigError(f"by must be 'rate' or 'mean', got {by!r}")
+    if by not in CONTRAST_BY:
+        raise ConfigError(f"by must be one of {CONTRAST_BY}, got {by!r}")
     positive_int("top", top)
     a, b = _by_layer(stats_a), _by_layer(stats_b)
     if set(a) != set(b):
@@ -262,106 +263,6 @@ def format_contrast(rows: Sequence[ContrastRow]) -> str:
     return "\n".join(lines)
 
 
-def _language_subsets(data: datasets.Dataset, language_column: str) -> dict[str, datasets.Dataset]:
-    if language_column not in data.column_names:
-        raise KeyError(f"language column {language_column!r} not in the dataset (columns: {data.column_names})")
-    languages = sorted(set(data[language_column]))
-    if len(languages) < 2:
-        raise ValueError(f"need texts in at least two languages, got {languages}")
-    return {lang: data.filter(lambda row, lang=lang: row[language_column] == lang) for lang in languages}
-
-
-def language_features(model: nn.Module, tokenizer: Any, saes: SparseAutoencoder | Iterable[SparseAutoencoder],
-                      data: datasets.Dataset, *, language_column: str = "language", text_column: str = "text",
-                      top: int = 20, **stats_options: Any) -> dict[int, dict[str, list[int]]]:
-    """Per layer and language L, the ``top`` features by monolinguality: mean activation on L minus the mean of
-    their mean activations on the other languages (METHODS.md §7). Streams over ``data`` once."""
-    positive_int("top", top)
-    subsets = _language_subsets(data, language_column)
-    stats_options.setdefault("progress", False)
-    means = {lang: activation_stats(model, tokenizer, saes, subset, text_column=text_column, **stats_options)
-             for lang, subset in subsets.items()}
-    result: dict[int, dict[str, list[int]]] = {}
-    for layer in next(iter(means.values())):
-        table = torch.stack([means[lang][layer].mean for lang in subsets])  # [languages, d_sae]
-        for row, lang in enumerate(subsets):
-            others = torch.cat([table[:row], table[row + 1:]]).mean(0)
-            score = table[row] - others
-            result.setdefault(layer, {})[lang] = score.argsort(descending=True, stable=True)[:top].tolist()
-    return result
-
-
-@torch.no_grad()
-def estimate_language_baselines(model: nn.Module, tokenizer: Any, saes: SparseAutoencoder | Iterable[SparseAutoencoder],
-                                features: dict[int, Iterable[int]], data: datasets.Dataset, *,
-                                language_column: str = "language", text_column: str = "text", batch_size: int = 8,
-                                max_length: int = 256, progress: bool = True) -> dict[int, dict[str, dict[int, float]]]:
-    """α per layer, language and feature: the mean pre-activation ``f_s(x)`` of each feature in ``features[layer]``
-    over the tokens (first token of each text skipped) of that language's texts — the baseline of the SASFT loss."""
-    saes = {sae.layer: sae for sae in ([saes] if isinstance(saes, SparseAutoencoder) else saes)}
-    positive_int("batch_size", batch_size)
-    positive_int("max_length", max_length)
-    if not features or not all(list(fs) for fs in features.values()):
-        raise ConfigError(f"features must name at least one feature per layer, got {features!r}")
-    for layer in features:
-        if layer not in saes:
-            raise ValueError(f"no SAE given for layer {layer} (SAEs for layers {sorted(saes)})")
-        check_sae_fits(model, saes[layer])
-    index = {layer: saes[layer].feature_index(sorted(set(fs))) for layer, fs in features.items()}
-    dataset = as_dataset(data, text_column)
-    if language_column not in dataset.column_names:
-        raise KeyError(f"language column {language_column!r} not in the dataset (columns: {dataset.column_names})")
-    sums: dict[tuple[int, str], Tensor] = {}
-    counts: dict[str, int] = {}
-    for batch in layer_batches(model, tokenizer, list(features), dataset, text_column=text_column,
-                               batch_size=batch_size, max_length=max_length, progress=progress,
-                               desc="language baselines"):
-        valid = batch.counted(skip_first=True)
-        for row, lang in enumerate(batch.rows[language_column]):
-            counts[lang] = counts.get(lang, 0) + int(valid[row].sum())
-            for layer, sae in ((layer, saes[layer]) for layer in features):
-                pre = sae.pre_acts(batch.hidden[layer][row][valid[row]].to(sae.device, sae.dtype), index[layer])
-                key = (layer, lang)
-                sums[key] = sums.get(key, 0) + pre.double().sum(0).cpu()
-    return {layer: {lang: dict(zip(index[layer].tolist(), (sums[(layer, lang)] / max(counts[lang], 1)).tolist()))
-                    for lang in sorted(counts)} for layer in features}
-
-
-@torch.no_grad()
-def repetition_features(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, texts: Sequence[str], *,
-                        top: int = 20, max_length: int = 512) -> list[tuple[int, float]]:
-    """Features whose activation rises most from a repeated token's first occurrence to its last (METHODS.md §8).
-
-    ``texts`` should be degenerate, repetitive outputs. For every token id that occurs at least twice in a text,
-    the change of each feature's activation between its first and last occurrence is averaged over all such
-    (text, token) pairs; returns ``[(feature, mean rise)]`` for the ``top`` largest rises.
-    """
-    layer = check_sae_fits(model, sae)
-    positive_int("top", top)
-    positive_int("max_length", max_length)
-    total, pairs = torch.zeros(sae.d_sae, dtype=torch.float64), 0
-    device = next(model.parameters()).device
-    for text in texts:
-        inputs = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length).to(device)
-        hidden = layer_outputs(model, [layer], **inputs)[layer][0]
-        codes = sae.encode(hidden.to(sae.device, sae.dtype)).double().cpu()  # [T, d_sae]
-        ids = inputs["input_ids"][0].tolist()
-        first: dict[int, int] = {}
-        last: dict[int, int] = {}
-        for position, token in enumerate(ids):
-            first.setdefault(token, position)
-            last[token] = position
-        for token, start in first.items():
-            if last[token] > start:
-                total += codes[last[token]] - codes[start]
-                pairs += 1
-    if not pairs:
-        raise ValueError("no token repeats in the given texts: pass degenerate, repetitive outputs")
-    rise = total / pairs
-    order = rise.argsort(descending=True, stable=True)[:top]
-    return [(int(f), float(rise[f])) for f in order]
-
-
 @torch.no_grad()
 def residual_norm(model: nn.Module, tokenizer: Any, layer: int, data: Corpus, *, text_column: str = "text",
                   batch_size: int = 8, max_length: int = 256) -> float:
@@ -371,3 +272,18 @@ def residual_norm(model: nn.Module, tokenizer: Any, layer: int, data: Corpus, *,
              for batch in layer_batches(model, tokenizer, [layer], data, text_column=text_column,
                                         batch_size=batch_size, max_length=max_length, progress=False)]
     return float(torch.cat(norms).median())
+
+
+def __getattr__(name: str) -> object:
+    """The language and repetition helpers moved to :mod:`qscope_hf.languages` and :mod:`qscope_hf.repetition`;
+    their old names here keep working for one release, with a warning."""
+    moved = {"language_features": "languages", "estimate_language_baselines": "languages",
+             "repetition_features": "repetition"}
+    if name in moved:
+        import importlib
+        import warnings
+
+        warnings.warn(f"qscope_hf.discovery.{name} moved to qscope_hf.{moved[name]}.{name}", FutureWarning,
+                      stacklevel=2)
+        return getattr(importlib.import_module(f"qscope_hf.{moved[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +40,7 @@ from .validation import finite, positive_int
 NEUTRAL_PROMPTS = ("In my experience,", "From my experience,", "I think that", "Here is what happened:",
                    "The next part is")
 Ranking = Literal["input", "output", "both"]
-RANKINGS: tuple[Ranking, ...] = ("input", "output", "both")
+RANKINGS: tuple[Ranking, ...] = get_args(Ranking)
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,11 @@ class SparseAutoencoder(nn.Module):
         index = self.feature_index(features)
         return ops.feature_pre_acts(x, self.W_enc[index], self.b_enc[index])
 
+    def feature_reader(self, features: Features) -> FeatureReader:
+        """A reader of ``features``' (pre-)activations from their encoder rows only, for hidden states of any dtype
+        and device (see :class:`FeatureReader`)."""
+        return FeatureReader(self, features)
+
     def decode(self, z: Tensor) -> Tensor:
         """Reconstruction from dense codes: ``[..., d_sae] -> [..., d_model]``."""
         if z.shape[-1] != self.d_sae:
@@ -207,3 +212,40 @@ class SparseAutoencoder(nn.Module):
         or ``"saelens"``; :meth:`from_pretrained` reads any of them back identically. Returns the weights file."""
         tensors = {name: getattr(self, name) for name in formats.TENSOR_KEYS}
         return formats.write(self.cfg, tensors, directory, format)
+
+
+class FeatureReader:
+    """Pre-activations ``f_s(h) = h · W_enc[s] + b_enc[s]`` and activations ``ReLU(f_s(h))`` of selected features
+    ``s``, from their encoder rows only (no full encode; exact for a feature in the top-k, as any firing feature is).
+
+    The rows are copied when the reader is made (a frozen snapshot of the SAE) and cast once per dtype and device of
+    the hidden states it reads, so hooks on a bf16 model on GPU read an fp32 SAE on CPU. Differentiable with respect
+    to the hidden states (the SASFT penalty's gradient flows through it); never with respect to the SAE.
+    """
+
+    def __init__(self, sae: SparseAutoencoder, features: Features) -> None:
+        self.features = sae.feature_index(features).cpu()
+        with torch.no_grad():
+            index = self.features.to(sae.device)
+            self._rows = sae.W_enc[index].detach().clone()
+            self._bias = sae.b_enc[index].detach().clone()
+        self._cast: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def _on(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (dtype, device)
+        if key not in self._cast:
+            self._cast[key] = (self._rows.to(device=device, dtype=dtype), self._bias.to(device=device, dtype=dtype))
+        return self._cast[key]
+
+    def pre_acts(self, hidden: Tensor) -> Tensor:
+        """``[..., S]`` pre-activations of ``hidden [..., d_model]`` (in the hidden states' dtype)."""
+        return ops.feature_pre_acts(hidden, *self._on(hidden.dtype, hidden.device))
+
+    def acts(self, hidden: Tensor) -> Tensor:
+        """``[..., S]`` activations ``ReLU(f_s(hidden))``."""
+        return self.pre_acts(hidden).relu()
+
+    __call__ = acts

@@ -31,19 +31,20 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import KW_ONLY, dataclass, field, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from . import ops
 from .classes import add_mixin, remove_mixin
 from .hooks import check_layer, check_sae_fits, hidden_size, hook_layers, unwrap_model
-from .sae import SparseAutoencoder
+from .sae import FeatureReader, SparseAutoencoder
 
-POSITIONS = ("all", "prompt", "generated")
-MODES = ("add", "clamp", "gated")
+Positions = Literal["all", "prompt", "generated"]
+Mode = Literal["add", "clamp", "gated"]
+POSITIONS: tuple[Positions, ...] = get_args(Positions)
+MODES: tuple[Mode, ...] = get_args(Mode)
 RowSpecs = Sequence["Steering | Sequence[Steering] | None"]
 
 
@@ -65,8 +66,8 @@ class Steering:
     strength: float | Sequence[float]
     _: KW_ONLY
     layer: int | None = None
-    positions: str | Sequence[int] = "all"
-    mode: str = "add"
+    positions: Positions | Sequence[int] = "all"
+    mode: Mode = "add"
     gate_feature: int | None = None
     threshold: float = 0.0
     relative: bool = False
@@ -127,8 +128,9 @@ class Steering:
         self.features = torch.zeros(1, dtype=torch.long)
 
     @classmethod
-    def from_vector(cls, vector: Tensor, layer: int, strength: float = 1.0, *, positions: str | Sequence[int] = "all",
-                    relative: bool = False, normalize: bool = True) -> Steering:
+    def from_vector(cls, vector: Tensor, layer: int, strength: float = 1.0, *,
+                    positions: Positions | Sequence[int] = "all", relative: bool = False,
+                    normalize: bool = True) -> Steering:
         """Steer along ``vector [d_model]`` at ``layer``: ``h + strength · v`` with ``v = vector / ‖vector‖``
         (``normalize=False``: ``v = vector``), through the same hooks, positions, per-row specs and calibration as
         SAE features."""
@@ -156,22 +158,24 @@ class Steering:
         return self.layer
 
     def tensors(self, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
-        """Directions ``[S, d]``, their strength-weighted sum ``[d]`` and (clamp/gated) encoder rows, cast once."""
+        """Directions ``[S, d]``, their strength-weighted sum ``[d]`` and the strengths, cast once."""
         key = (dtype, device)
         if key not in self._prepared:
             with torch.no_grad():
                 directions = (self.vector[None] if self.sae is None else
                               self.sae.feature_directions(self.features)).to(device=device, dtype=dtype)
-                prepared = {"directions": directions,
-                            "vector": (self.strengths.to(device, dtype)[:, None] * directions).sum(0),
-                            "strengths": self.strengths.to(device, dtype)}
-                if self.mode != "add":
-                    rows = self.features if self.mode == "clamp" else torch.tensor([self.gate_feature])
-                    index = rows.to(self.sae.device)
-                    prepared["encoder"] = self.sae.W_enc[index].to(device=device, dtype=dtype)
-                    prepared["bias"] = self.sae.b_enc[index].to(device=device, dtype=dtype)
-            self._prepared[key] = prepared
+                self._prepared[key] = {"directions": directions,
+                                       "vector": (self.strengths.to(device, dtype)[:, None] * directions).sum(0),
+                                       "strengths": self.strengths.to(device, dtype)}
         return self._prepared[key]
+
+    @property
+    def reader(self) -> FeatureReader:
+        """Reads what ``mode="clamp"`` (the steered features) and ``mode="gated"`` (the gate feature) compare."""
+        if "reader" not in self._prepared:
+            self._prepared["reader"] = self.sae.feature_reader(self.features if self.mode == "clamp"
+                                                               else [self.gate_feature])
+        return self._prepared["reader"]
 
 
 def steering_list(steerings: Steering | Sequence[Steering] | None) -> list[Steering]:
@@ -316,13 +320,13 @@ class _LayerSteerer:
         unit = self.units if spec.relative else None
         mask = None if mask is None else mask[..., None]  # [B', t, 1]
         if spec.mode == "clamp":
-            current = ops.feature_pre_acts(hidden, t["encoder"], t["bias"]).relu()  # [B', t, S]
+            current = spec.reader.acts(hidden)  # [B', t, S]
             target = t["strengths"] if unit is None else t["strengths"] * unit
             delta = (target - current) @ t["directions"]
         else:
             delta = t["vector"] if unit is None else t["vector"] * unit
         if spec.mode == "gated":  # one gate feature: [B', t, 1]; ReLU(pre) > threshold ≥ 0 is pre > threshold
-            gate = ops.feature_pre_acts(hidden, t["encoder"], t["bias"]) > spec.threshold
+            gate = spec.reader.pre_acts(hidden) > spec.threshold
             mask = gate if mask is None else mask & gate
         return hidden + delta if mask is None else torch.addcmul(hidden, mask.to(hidden.dtype), delta)
 
@@ -360,13 +364,14 @@ class FeatureTrace:
     sae: SparseAutoencoder
     features: Sequence[int]
     steps: list[Tensor] = field(default_factory=list, repr=False)
+    reader: FeatureReader = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.reader = self.sae.feature_reader(self.features)
 
     def record(self, hidden: Tensor) -> None:
-        index = self.sae.feature_index(self.features)
         with torch.no_grad():
-            rows, bias = (t[index].to(hidden.device, hidden.dtype) for t in (self.sae.W_enc, self.sae.b_enc))
-            acts = ops.feature_pre_acts(hidden, rows, bias)
-        self.steps.append(acts.relu().float().cpu())
+            self.steps.append(self.reader.acts(hidden).float().cpu())
 
     @property
     def values(self) -> Tensor:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .classify import collect_text_features
+from .corpus import chat_token_ids
 from .discovery import FeatureStats
 from .sae import SparseAutoencoder
 
@@ -112,11 +113,8 @@ class HFGenerator:
     @torch.no_grad()
     def __call__(self, prompt: str) -> list[str]:
         torch.manual_seed(int(torch.randint(0, 2**31, (), generator=self.generator)))
-        if self.tokenizer.chat_template:
-            inputs = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], return_tensors="pt",
-                                                        add_generation_prompt=True, return_dict=True)
-        else:
-            inputs = self.tokenizer(prompt, return_tensors="pt")
+        ids = torch.tensor([chat_token_ids(self.tokenizer, prompt)])
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         out = self.model.generate(**inputs, num_return_sequences=self.n, **self.options)
         return [self.tokenizer.decode(row[inputs["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
 

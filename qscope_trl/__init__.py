@@ -7,7 +7,8 @@
 - :class:`SteeredNegativeRollouts`: one SAE-steered negative rollout per GRPO group (paper §8).
 """
 
-from qscope_hf.discovery import estimate_language_baselines, language_features, repetition_features
+from qscope_hf.languages import LanguageBaselines, LanguageFeatures, estimate_language_baselines, language_features
+from qscope_hf.repetition import repetition_features
 
 from .callbacks import SAEFeatureMonitorCallback
 from .losses import SAEFeaturePenalty, SAEPenaltyMixin, add_sae_penalty
@@ -15,6 +16,8 @@ from .rewards import SAEFeatureReward, code_switching_reward, repetition_reward
 from .rollouts import SteeredNegativeRollouts
 
 __all__ = [
+    "LanguageBaselines",
+    "LanguageFeatures",
     "SAEFeatureMonitorCallback",
     "SAEFeaturePenalty",
     "SAEFeatureReward",

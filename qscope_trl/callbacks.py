@@ -29,7 +29,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
-from qscope_hf import ops
 from qscope_hf.errors import ConfigError
 from qscope_hf.hooks import check_sae_fits, decoder_layers, layer_hidden, layer_outputs, unwrap_model
 from qscope_hf.sae import SparseAutoencoder
@@ -74,7 +73,8 @@ class SAEFeatureMonitorCallback(TrainerCallback):
         unknown = sorted(set(features) - set(self.saes))
         if unknown:
             raise ConfigError(f"features are given for layers {unknown} but the SAEs read layers {sorted(self.saes)}")
-        self.features = {layer: self.saes[layer].feature_index(list(ids)).cpu() for layer, ids in features.items()}
+        self.readers = {layer: self.saes[layer].feature_reader(list(ids)) for layer, ids in features.items()}
+        self.features = {layer: reader.features for layer, reader in self.readers.items()}
         empty = [layer for layer, index in self.features.items() if not index.numel()]
         if not self.features or empty:
             raise ConfigError(f"no features to monitor at layers {empty or sorted(self.saes)}")
@@ -92,14 +92,8 @@ class SAEFeatureMonitorCallback(TrainerCallback):
         self.sums = {layer: torch.zeros(len(f), dtype=torch.float64) for layer, f in self.features.items()}
         self.tokens = 0.0
 
-    def _activations(self, layer: int, hidden: Tensor) -> Tensor:
-        sae, index = self.saes[layer], self.features[layer]
-        rows = sae.W_enc[index.to(sae.device)].detach().to(hidden.device, hidden.dtype)
-        bias = sae.b_enc[index.to(sae.device)].detach().to(hidden.device, hidden.dtype)
-        return ops.feature_pre_acts(hidden.detach(), rows, bias).float().relu()  # [B, T, S]
-
     def _record(self, layer: int, hidden: Tensor, mask: Tensor, counts: dict, sums: dict) -> float:
-        acts = self._activations(layer, hidden)[mask]  # [n, S]
+        acts = self.readers[layer].acts(hidden.detach()).float()[mask]  # [n, S]
         counts[layer] += (acts > self.threshold).sum(0).double().cpu()
         sums[layer] += acts.sum(0).double().cpu()
         return float(mask.sum())

@@ -3,13 +3,15 @@
 ``L = L_task + λ · Σ ReLU(f_s(x_t) − α_{lang(i), s}) / (n + 1)`` over completion tokens ``t`` of each sample ``i``
 and the features ``s`` penalised for it, where ``n`` counts those (token, feature) pairs. Features are grouped by
 the language ``L`` they belong to and are penalised on samples of every *other* language; ``α`` is the feature's
-mean pre-activation on the sample's own language (:func:`qscope_hf.discovery.estimate_language_baselines`;
+mean pre-activation on the sample's own language (:func:`qscope_hf.languages.estimate_language_baselines`;
 ``baselines=None`` is the harsher α = 0 variant). Pre-activations use only the selected encoder rows
-(:func:`qscope_hf.ops.feature_pre_acts`) of frozen SAEs, so gradients reach only the model's trainable parameters.
+(:class:`qscope_hf.sae.FeatureReader`) of frozen SAEs, so gradients reach only the model's trainable parameters.
 
-Three lines on a stock trainer::
+On a stock trainer::
 
-    penalty = SAEFeaturePenalty(saes, {"zh": zh_features}, lam=5e-4, baselines=alpha, language_column="language")
+    found = language_features(model, tokenizer, saes, multilingual_texts, top=2)         # layer -> language -> ids
+    alpha = estimate_language_baselines(model, tokenizer, saes, found, multilingual_texts)
+    penalty = SAEFeaturePenalty(saes, found.of("zh"), lam=5e-4, baselines=alpha, language_column="language")
     trainer = SFTTrainer(model, args=args, train_dataset=data, peft_config=LoraConfig(...))
     add_sae_penalty(trainer, penalty)
 
@@ -30,11 +32,11 @@ import torch
 from torch import Tensor, nn
 from trl import GRPOTrainer
 
-from qscope_hf import ops
 from qscope_hf.classes import add_mixin
 from qscope_hf.errors import ConfigError
 from qscope_hf.hooks import check_sae_fits, hook_layers
-from qscope_hf.sae import SparseAutoencoder
+from qscope_hf.languages import LanguageBaselines
+from qscope_hf.sae import FeatureReader, SparseAutoencoder
 from qscope_hf.validation import finite
 
 LANGUAGE_KEY = "sae_language"
@@ -42,8 +44,7 @@ LANGUAGE_KEY = "sae_language"
 #: every listed feature is penalised on them, with α = 0.
 OTHER = "<other>"
 
-LanguageFeatures = Mapping[str, Sequence[int]]
-Baselines = Mapping[int, Mapping[str, Mapping[int, float]]]
+FeaturesByLanguage = Mapping[str, Sequence[int]]
 
 
 @dataclass
@@ -51,8 +52,7 @@ class _Term:
     """One layer's penalty: selected encoder rows, and per language id the α row and the penalised-feature mask."""
 
     sae: SparseAutoencoder
-    rows: Tensor  # [S, d]
-    bias: Tensor  # [S]
+    reader: FeatureReader  # the S selected encoder rows
     alpha: Tensor  # [languages, S]
     active: Tensor  # [languages, S] bool
 
@@ -61,23 +61,27 @@ class _Term:
 class SAEFeaturePenalty:
     """The SASFT penalty: per SAE (one or two layers), language -> features to keep out of other languages.
 
-    ``features`` maps a language to feature ids (the same for every SAE) or a layer to such a mapping.
+    ``features`` maps a language to feature ids (the same for every SAE) or a layer to such a mapping, e.g.
+    ``language_features(...).of("zh")`` (:class:`qscope_hf.languages.LanguageFeatures`).
     ``language_column`` names the dataset column with each sample's language; ``None`` penalises every listed
-    feature on every sample. ``baselines`` (layer -> language -> feature -> α) comes from
-    :func:`qscope_hf.discovery.estimate_language_baselines`; with baselines, every sample's language needs them,
+    feature on every sample. ``baselines`` (layer -> language -> feature -> α, a
+    :class:`~qscope_hf.languages.LanguageBaselines` or the same as nested mappings) comes from
+    :func:`qscope_hf.languages.estimate_language_baselines`; with baselines, every sample's language needs them,
     without, samples in unlisted languages are penalised on all features with α = 0.
     """
 
     saes: SparseAutoencoder | Sequence[SparseAutoencoder]
-    features: LanguageFeatures | Mapping[int, LanguageFeatures]
+    features: FeaturesByLanguage | Mapping[int, FeaturesByLanguage]
     lam: float = 5e-4
-    baselines: Baselines | None = None
+    baselines: LanguageBaselines | Mapping[int, Mapping[str, Mapping[int, float]]] | None = None
     language_column: str | None = "language"
     languages: list[str] = field(init=False)
     terms: dict[int, _Term] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         finite("lam", self.lam, non_negative=True)
+        if self.baselines is not None:
+            self.baselines = LanguageBaselines.coerce(self.baselines)
         saes = [self.saes] if isinstance(self.saes, SparseAutoencoder) else list(self.saes)
         if not saes:
             raise ValueError("SAEFeaturePenalty needs at least one SAE")
@@ -93,7 +97,7 @@ class SAEFeaturePenalty:
         self.languages = sorted(known) + ([OTHER] if self.baselines is None or self.language_column is None else [])
         self.terms = {sae.layer: self._term(sae, per_layer[sae.layer]) for sae in saes}
 
-    def _features_of(self, layer: int) -> LanguageFeatures:
+    def _features_of(self, layer: int) -> FeaturesByLanguage:
         features = self.features
         if features and all(isinstance(key, int) for key in features):
             if layer not in features:
@@ -104,7 +108,7 @@ class SAEFeaturePenalty:
                               f"got {dict(features)!r})")
         return features
 
-    def _term(self, sae: SparseAutoencoder, features: LanguageFeatures) -> _Term:
+    def _term(self, sae: SparseAutoencoder, features: FeaturesByLanguage) -> _Term:
         union = sorted({int(f) for ids in features.values() for f in sae.feature_index(list(ids)).tolist()})
         column = {feature: i for i, feature in enumerate(union)}
         alpha = torch.zeros(len(self.languages), len(union))
@@ -118,16 +122,13 @@ class SAEFeaturePenalty:
                 if lang not in layer_baselines and self.language_column is not None:
                     raise ValueError(f"no baselines for language {lang!r} at layer {sae.layer}")
                 values = layer_baselines.get(lang, {})
-                missing = [f for f in union if f not in values and str(f) not in values]
+                missing = [f for f in union if f not in values]
                 if self.language_column is not None and missing:
                     raise ValueError(f"baselines for {lang!r} at layer {sae.layer} lack features {missing}")
-                alpha[row] = torch.tensor([float(values.get(f, values.get(str(f), 0.0))) for f in union])
+                alpha[row] = torch.tensor([values.get(f, 0.0) for f in union])
         if not bool(alpha.isfinite().all()):
             raise ConfigError(f"baselines must be finite numbers (layer {sae.layer} has NaN or infinite values)")
-        index = sae.feature_index(union)
-        with torch.no_grad():
-            rows, bias = sae.W_enc[index].detach().clone(), sae.b_enc[index].detach().clone()
-        return _Term(sae, rows, bias, alpha, active)
+        return _Term(sae, sae.feature_reader(union), alpha, active)
 
     @property
     def layers(self) -> list[int]:
@@ -172,7 +173,7 @@ class SAEFeaturePenalty:
             else:
                 ids = language_ids
             ids = ids.to(h.device)
-            pre = ops.feature_pre_acts(h, term.rows.to(h.device, h.dtype), term.bias.to(h.device, h.dtype)).float()
+            pre = term.reader.pre_acts(h).float()
             excess = (pre - term.alpha.to(h.device)[ids][:, None, :]).relu()
             weight = tokens.to(h.device)[..., None] & term.active.to(h.device)[ids][:, None, :]
             part, n = (excess * weight).sum(), weight.sum()

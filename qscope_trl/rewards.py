@@ -15,25 +15,26 @@ conversational prompts, the plain tokenizer otherwise). Completions are scored i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
-from qscope_hf import ops
+from qscope_hf.corpus import chat_token_ids, pad_token_ids
 from qscope_hf.errors import ConfigError
 from qscope_hf.hooks import check_sae_fits, layer_outputs, unwrap_model
 from qscope_hf.sae import SparseAutoencoder
 from qscope_hf.validation import finite, positive_int
 
-REDUCTIONS = ("fraction", "max", "mean")
+Reduction = Literal["fraction", "max", "mean"]
+REDUCTIONS: tuple[Reduction, ...] = get_args(Reduction)
 
 
 def tokenize_prompts(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
-    """Token ids of GRPO prompts, as ``GRPOTrainer`` builds them for generation."""
+    """Token ids of GRPO prompts, as ``GRPOTrainer`` builds them for generation (conversational prompts through the
+    chat template with a generation prompt, plain ones through the tokenizer)."""
     if prompts and isinstance(prompts[0], list):  # conversational
-        return [tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                              return_dict=True)["input_ids"] for prompt in prompts]
+        return [chat_token_ids(tokenizer, prompt) for prompt in prompts]
     return tokenizer(text=list(prompts))["input_ids"]
 
 
@@ -41,21 +42,19 @@ class SAEFeatureReward:
     """Reward = −``weight`` × (activity of ``features`` of ``sae`` on each completion), see the module docstring."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, features: Sequence[int], *,
-                 reduce: str = "fraction", threshold: float = 0.0, weight: float = 1.0, batch_size: int = 16,
+                 reduce: Reduction = "fraction", threshold: float = 0.0, weight: float = 1.0, batch_size: int = 16,
                  name: str | None = None) -> None:
         if reduce not in REDUCTIONS:
             raise ValueError(f"unknown reduction {reduce!r}; choose one of {REDUCTIONS}")
         self.layer = check_sae_fits(model, sae)
         self.model, self.tokenizer, self.sae = model, tokenizer, sae
-        index = sae.feature_index(list(features))
-        if not index.numel():
+        self.reader = sae.feature_reader(list(features))
+        if not len(self.reader):
             raise ConfigError("SAEFeatureReward needs at least one feature")
         finite("threshold", threshold, non_negative=True)
         finite("weight", weight)
         positive_int("batch_size", batch_size)
-        with torch.no_grad():
-            self.rows, self.bias = sae.W_enc[index].detach().clone(), sae.b_enc[index].detach().clone()
-        self.features = index.tolist()
+        self.features = self.reader.features.tolist()
         self.reduce, self.threshold, self.weight, self.batch_size = reduce, threshold, weight, batch_size
         self.__name__ = name or f"sae_L{self.layer}_{reduce}"
 
@@ -73,18 +72,11 @@ class SAEFeatureReward:
                 prompts = prompt_ids[start:start + self.batch_size]
                 completions = completion_ids[start:start + self.batch_size]
                 sequences = [list(p) + list(c) for p, c in zip(prompts, completions)]
-                length = max(len(s) for s in sequences)
-                ids = torch.full((len(sequences), length), pad, dtype=torch.long)
-                real = torch.zeros(len(sequences), length, dtype=torch.bool)
-                scored = torch.zeros_like(real)
-                for row, (prompt, sequence) in enumerate(zip(prompts, sequences)):
-                    ids[row, :len(sequence)] = torch.tensor(sequence)
-                    real[row, :len(sequence)] = True
-                    scored[row, len(prompt):len(sequence)] = True
-                hidden = layer_outputs(inner, [self.layer], input_ids=ids.to(device),
-                                       attention_mask=real.long().to(device), use_cache=False)[self.layer]
-                acts = ops.feature_pre_acts(hidden, self.rows.to(device, hidden.dtype),
-                                            self.bias.to(device, hidden.dtype)).float().relu().cpu()
+                ids, real = pad_token_ids(sequences, pad, side="right")
+                scored = real.bool() & (torch.arange(ids.shape[1]) >= torch.tensor([len(p) for p in prompts])[:, None])
+                hidden = layer_outputs(inner, [self.layer], input_ids=ids.to(device), attention_mask=real.to(device),
+                                       use_cache=False)[self.layer]
+                acts = self.reader.acts(hidden).float().cpu()
                 scores += [self._reduce(acts[row][scored[row]]) for row in range(len(sequences))]
         finally:
             inner.train(was_training)
@@ -118,7 +110,7 @@ def code_switching_reward(model: nn.Module, tokenizer: Any, sae: SparseAutoencod
 
 def repetition_reward(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, features: Sequence[int],
                       **options: Any) -> SAEFeatureReward:
-    """Penalise the mean activation of repetition features (from :func:`qscope_hf.discovery.repetition_features`)
+    """Penalise the mean activation of repetition features (from :func:`qscope_hf.repetition.repetition_features`)
     over the completion (``__name__`` ``sae_repetition``). METHODS §8 warns they also fire on benign repetition:
     the steered-negative rollout of :mod:`qscope_trl.rollouts` is the paper's method, this is the baseline."""
     options.setdefault("name", "sae_repetition")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -15,6 +16,8 @@ from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 from qscope_hf import ConfigError, Steering, decoder_layers
 from qscope_hf.tiny import tiny_model, tiny_sae, tiny_tokenizer
 from qscope_trl import (
+    LanguageBaselines,
+    LanguageFeatures,
     SAEFeatureMonitorCallback,
     SAEFeaturePenalty,
     SAEFeatureReward,
@@ -367,3 +370,22 @@ def test_rewards_and_rollouts_refuse_bad_configuration(tmp_path, sae):
         SteeredNegativeRollouts(spec, count=5).attach(trainer)
     rollouts = SteeredNegativeRollouts(spec, count=1)
     assert rollouts.attach(trainer) is trainer and trainer.rollout_func is rollouts
+
+
+def test_language_results_are_typed_and_plug_into_the_penalty(sae):
+    found = LanguageFeatures({LAYER: {"en": [100, 7], "zh": [3, 9]}})
+    assert found.languages == ["en", "zh"] and found.union() == {LAYER: [3, 7, 9, 100]}
+    assert found.of("zh") == {LAYER: {"zh": [3, 9]}} and dict(found[LAYER]) == {"en": [100, 7], "zh": [3, 9]}
+    with pytest.raises(ConfigError, match=r"no features for languages \['fr'\]"):
+        found.of("fr")
+    stored = LanguageBaselines({LAYER: {"en": {3: 0.05, 9: -0.02, 7: 0.0, 100: 0.1},
+                                        "zh": {3: 0.01, 9: 0.02, 7: 0.0, 100: 0.0}}}).to_json()
+    baselines = LanguageBaselines.from_json(stored)  # JSON has string keys: back to ints
+    assert baselines.alpha(LAYER, "en", 9) == pytest.approx(-0.02) and baselines[LAYER]["zh"][3] == pytest.approx(0.01)
+    with pytest.raises(ConfigError, match="no baseline for feature 5 of language 'en' at layer 1"):
+        baselines.alpha(LAYER, "en", 5)
+    from_json = SAEFeaturePenalty(sae, found.of("zh"), baselines=json.loads(stored))  # plain nested dicts work too
+    typed = SAEFeaturePenalty(sae, found.of("zh"), baselines=baselines)
+    assert torch.equal(from_json.terms[LAYER].alpha, typed.terms[LAYER].alpha)
+    with pytest.warns(FutureWarning, match="moved to qscope_hf.languages.language_features"):
+        from qscope_hf.discovery import language_features  # noqa: F401

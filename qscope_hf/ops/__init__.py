@@ -17,7 +17,7 @@ from the device; see :mod:`.dispatch`.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -28,23 +28,27 @@ from .dispatch import (
     BACKENDS,
     ENV_VAR,
     BackendUnavailableError,
+    Kernels,
     available_backends,
     resolve_backend,
     triton_module,
 )
 
-ACTIVATIONS = ("relu_topk", "topk")
-
-_TORCH_KERNELS = SimpleNamespace(
-    select_topk=chunked.select_topk,
-    gather_sum=sparse.gather_sum,
-    gather_dot=sparse.gather_dot,
-    scatter_outer=sparse.scatter_outer,
-)
+Activation = Literal["relu_topk", "topk"]
+ACTIVATIONS: tuple[Activation, ...] = get_args(Activation)
 
 
-def _kernels(name: str) -> SimpleNamespace:
-    return triton_module() if name == "triton" else _TORCH_KERNELS
+class _TorchKernels:
+    """The streaming torch backend as a :class:`~.dispatch.Kernels`."""
+
+    select_topk = staticmethod(chunked.select_topk)
+    gather_sum = staticmethod(sparse.gather_sum)
+    gather_dot = staticmethod(sparse.gather_dot)
+    scatter_outer = staticmethod(sparse.scatter_outer)
+
+
+def _kernels(name: str) -> Kernels:
+    return triton_module() if name == "triton" else _TorchKernels
 
 
 def _check_same(what: str, *tensors: Tensor) -> None:

@@ -12,12 +12,12 @@ A backend's ``kernels`` provide ``select_topk`` and the sparse primitives ``gath
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .dispatch import Kernels
 from .reference import accumulate_dtype
 
 
@@ -26,7 +26,7 @@ class TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, activation: str,
-                kernels: ModuleType) -> tuple[Tensor, Tensor]:
+                kernels: Kernels) -> tuple[Tensor, Tensor]:
         pre_values, indices = kernels.select_topk(x, W_enc, b_enc, k)
         values = pre_values.relu() if activation == "relu_topk" else pre_values
         ctx.save_for_backward(x, W_enc, indices, pre_values)
@@ -56,7 +56,7 @@ class SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
-                kernels: ModuleType) -> Tensor:
+                kernels: Kernels) -> Tensor:
         acc = accumulate_dtype(values.dtype)
         out = kernels.gather_sum(values, indices, W_dec.T).to(acc) + b_dec.to(acc)
         ctx.save_for_backward(values, indices, W_dec)

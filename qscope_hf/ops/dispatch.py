@@ -8,11 +8,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from types import ModuleType
+from typing import Protocol
 
 import torch
+from torch import Tensor
+
+from .environment import triton_importable, triton_interpreted
 
 BACKENDS = ("reference", "chunked", "triton")
 ENV_VAR = "QSCOPE_OPS_BACKEND"
@@ -22,14 +24,21 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for (per call or by ``QSCOPE_OPS_BACKEND``) that cannot run here."""
 
 
-def triton_importable() -> bool:
-    """Whether the ``triton`` package is installed (it imports without a GPU)."""
-    return importlib.util.find_spec("triton") is not None
+class Kernels(Protocol):
+    """What a streaming backend provides (:mod:`.chunked` + :mod:`.sparse`, or :mod:`.triton_kernels`). Every
+    result is in the accumulate dtype of its inputs (fp32 for fp16/bf16/fp32, fp64 for fp64)."""
 
+    def select_topk(self, x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Top-``k`` pre-activations of ``x [N, d_model]``: ``(values [N, k], indices [N, k] int64)``."""
 
-def triton_interpreted() -> bool:
-    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    def gather_sum(self, values: Tensor, indices: Tensor, table: Tensor) -> Tensor:
+        """``Σ_j values[n, j] · table[indices[n, j]]``: ``[N, D]``."""
+
+    def gather_dot(self, indices: Tensor, table: Tensor, rows: Tensor) -> Tensor:
+        """``<table[indices[n, j]], rows[n]>``: ``[N, k]``."""
+
+    def scatter_outer(self, values: Tensor, indices: Tensor, rows: Tensor, num_rows: int) -> Tensor:
+        """``out[indices[n, j]] += values[n, j] · rows[n]``: ``[num_rows, D]``."""
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -59,7 +68,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return name
 
 
-def triton_module() -> ModuleType:
+def triton_module() -> Kernels:
     """The Triton kernels module, imported on first use (so that importing qscope never needs Triton)."""
     from . import triton_kernels
 

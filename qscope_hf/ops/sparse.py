@@ -36,10 +36,12 @@ def _row_slices(n_rows: int, elements_per_row: int) -> Iterator[slice]:
 
 
 def gather_sum(values: Tensor, indices: Tensor, table: Tensor) -> Tensor:
-    """``Σ_j values[n, j] · table[indices[n, j]]``: ``[N, D]`` in the table's dtype."""
+    """``Σ_j values[n, j] · table[indices[n, j]]``: ``[N, D]`` in the accumulate dtype (like every backend)."""
+    acc = accumulate_dtype(table.dtype)
     if values.shape[0] == 0:
-        return table.new_zeros(0, table.shape[1])
-    return F.embedding_bag(indices, table.contiguous(), per_sample_weights=values.to(table.dtype), mode="sum")
+        return table.new_zeros(0, table.shape[1], dtype=acc)
+    summed = F.embedding_bag(indices, table.contiguous(), per_sample_weights=values.to(table.dtype), mode="sum")
+    return summed.to(acc)
 
 
 def _csr(crow: Tensor, columns: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:

@@ -35,7 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .chunked import select_topk as chunked_select_topk
-from .dispatch import triton_interpreted
+from .environment import triton_interpreted
 from .reference import accumulate_dtype
 
 SAMPLE_STRIDE = 32
