@@ -27,6 +27,7 @@ import torch
 from smollm2_saes import docstring_paragraphs
 
 from qscope_hf.hooks import layer_outputs
+from qscope_hf.sae import fraction_of_variance_unexplained
 from qscope_hf.smollm2 import load_model
 from qscope_hf.training import SAETrainer, TrainConfig
 
@@ -51,7 +52,7 @@ def harvest(tokens: int) -> torch.Tensor:
 
 def fvu(reconstruct, x: torch.Tensor) -> float:
     with torch.no_grad():
-        return float((reconstruct(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+        return float(fraction_of_variance_unexplained(x, reconstruct(x)))
 
 
 def run_qscope(train: torch.Tensor, held: torch.Tensor, epochs: int, lr: float) -> dict:

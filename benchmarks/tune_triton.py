@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -39,8 +38,8 @@ def main() -> None:
     W, b, _, _ = make_weights(d_model, d_sae, dtype, "cuda")
     x = make_x(args.tokens, d_model, dtype, "cuda")
     gemm_ms = bench(lambda: x @ W.T)
-    threshold = tk._threshold(x, W, b, k, tk.SAMPLE_STRIDE)
-    capacity = tk._pow2(2 * (math.ceil(k / tk.SAMPLE_STRIDE) + tk.SAMPLE_MARGIN) * tk.SAMPLE_STRIDE)
+    threshold = tk.sample_threshold(x, W, b, k, tk.SAMPLE_STRIDE)
+    capacity = tk.default_capacity(k)
     sweep = []
     for bm, bn, bk, warps, stages in itertools.product((64, 128), (64, 128, 256), (64, 128), (4, 8), (3, 4)):
         config = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
@@ -56,7 +55,7 @@ def main() -> None:
     counts, keys = tk.launch_encode(x, W, b, threshold, capacity, best)
     breakdown = {
         "cublas_gemm_ms": gemm_ms,
-        "threshold_ms": bench(lambda: tk._threshold(x, W, b, k, tk.SAMPLE_STRIDE)),
+        "threshold_ms": bench(lambda: tk.sample_threshold(x, W, b, k, tk.SAMPLE_STRIDE)),
         "kernel_ms": sweep[0]["kernel_ms"],
         "select_ms": bench(lambda: tk.select_from_keys(keys, k)),
         "pipeline_ms": bench(lambda: tk.select_topk(x, W, b, k, config=best)),

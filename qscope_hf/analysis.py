@@ -164,12 +164,10 @@ def ranking_redundancy(scores: Mapping[str, Sequence[float]], *, fraction: float
 
 def plot_coverage(curves: Mapping[str, CoverageCurve], path: str | Path) -> Path:
     """Coverage curves (with bands) of several benchmarks, against the fraction of samples, as a PNG."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend and figures are left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure = Figure(figsize=(6, 4))
+    axis = figure.subplots()
     for name, curve in curves.items():
         xs = [n / curve.n[-1] for n in curve.n]
         axis.plot(xs, curve.mean, label=name)
@@ -179,18 +177,15 @@ def plot_coverage(curves: Mapping[str, CoverageCurve], path: str | Path) -> Path
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return Path(path)
 
 
 def plot_overlap(names: Sequence[str], matrix: Sequence[Sequence[float]], path: str | Path) -> Path:
     """An overlap heatmap (row benchmark → column benchmark) as a PNG."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(1.2 * len(names) + 2, 1.0 * len(names) + 1.5))
+    figure = Figure(figsize=(1.2 * len(names) + 2, 1.0 * len(names) + 1.5))
+    axis = figure.subplots()
     image = axis.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
     axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
     axis.set_yticks(range(len(names)), names)
@@ -201,5 +196,4 @@ def plot_overlap(names: Sequence[str], matrix: Sequence[Sequence[float]], path: 
     figure.colorbar(image)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return Path(path)

@@ -17,20 +17,13 @@ import torch
 from .corpus import chat_token_ids
 from .discovery import activation_stats, contrast_features, residual_norm
 from .hooks import check_sae_fits, layer_outputs
-from .sae import SparseAutoencoder
+from .sae import SparseAutoencoder, fraction_of_variance_unexplained
 from .steering import SAELogitsProcessor, Steering
 from .tiny import tiny_model, tiny_sae, tiny_tokenizer
 
 CONTRAST_TEXTS = 24
 #: Steering strength as a fraction of the residual stream's median norm at the SAE's layer.
 STRENGTH_OF_NORM = 0.6
-
-
-def fraction_of_variance_unexplained(x: torch.Tensor, reconstruction: torch.Tensor) -> float:
-    """``Σ‖x − x̂‖² / Σ‖x − mean(x)‖²`` over the rows of ``x [N, d]``."""
-    residual = (x - reconstruction).pow(2).sum()
-    total = (x - x.mean(dim=0, keepdim=True)).pow(2).sum()
-    return float(residual / total)
 
 
 def describe_prompt(model, tokenizer, sae: SparseAutoencoder, prompt: str, *, top: int = 3,
@@ -47,7 +40,7 @@ def describe_prompt(model, tokenizer, sae: SparseAutoencoder, prompt: str, *, to
         token = tokenizer.decode([int(token_id)])
         features = "  ".join(f"#{int(i):<5d} {float(v):7.3f}" for v, i in zip(token_values[:top], token_indices[:top]))
         echo(f"  {token!r:>12}  {features}")
-    fvu = fraction_of_variance_unexplained(hidden[1:], reconstruction[1:])  # the first token is not modelled
+    fvu = float(fraction_of_variance_unexplained(hidden[1:], reconstruction[1:]))  # the first token is not modelled
     echo(f"reconstruction (tokens after the first): fraction of variance unexplained {fvu:.3f}")
     return fvu
 

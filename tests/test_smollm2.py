@@ -48,11 +48,11 @@ def test_recorded_metrics_are_reproduced_on_held_out_text(smollm2):
     measured = evaluate_saes(model, tokenizer, load_saes(), texts)
     for layer, metrics in measured.items():
         target = recorded["metrics"][str(layer)]
-        assert metrics["explained"] >= 0.8 and target["explained"] >= 0.8
-        assert abs(metrics["explained"] - target["explained"]) < 0.08
-        assert metrics["dead"] <= 0.5  # a small sample leaves some latents silent; the recorded figure is < 5%
+        assert metrics.explained >= 0.8 and target["explained"] >= 0.8
+        assert abs(metrics.explained - target["explained"]) < 0.08
+        assert metrics.dead <= 0.5  # a small sample leaves some latents silent; the recorded figure is < 5%
         assert target["dead"] < 0.05
-        assert metrics["ce_increase"] < 0.10 and target["ce_increase"] < 0.10
+        assert metrics.ce_increase < 0.10 and target["ce_increase"] < 0.10
 
 
 def test_demo_runs_on_smollm2(smollm2, monkeypatch):

@@ -41,9 +41,9 @@ def test_training_reduces_fvu(trained):
     first = trainer.history[0]
     metrics = evaluate_saes(model, tokenizer, list(trainer.saes.values()), texts(40, seed=1))
     for layer in (1, 2):
-        assert metrics[layer]["fvu"] < 0.5 * first[f"L{layer}/fvu"]
-        assert metrics[layer]["explained"] > 0.6
-        assert metrics[layer]["l0"] <= 8
+        assert metrics[layer].fvu < 0.5 * first[f"sae/L{layer}/fvu"]
+        assert metrics[layer].explained > 0.6
+        assert metrics[layer].l0 <= 8
     assert trainer.tokens >= 60_000
 
 
@@ -114,9 +114,9 @@ def test_evaluation_against_an_exact_sae_and_a_hand_zero_ablation():
         exact.b_dec.zero_()
     held_out = texts(12, seed=3)
     metrics = evaluate_saes(model, tokenizer, [exact], held_out)[1]
-    assert metrics["fvu"] == pytest.approx(0.0, abs=1e-6)
-    assert metrics["ce_spliced"] == pytest.approx(metrics["ce_clean"], rel=1e-5)
-    assert metrics["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert metrics.fvu == pytest.approx(0.0, abs=1e-6)
+    assert metrics.ce_spliced == pytest.approx(metrics.ce_clean, rel=1e-5)
+    assert metrics.loss_recovered == pytest.approx(1.0, abs=1e-4)
     inputs = tokenizer(held_out, return_tensors="pt", padding=True)
     real = inputs["attention_mask"].bool()
     keep = real & (real.long().cumsum(1) > 1)
@@ -133,7 +133,7 @@ def test_evaluation_against_an_exact_sae_and_a_hand_zero_ablation():
             hand = model(**inputs, labels=labels).loss
     finally:
         handle.remove()
-    assert metrics["ce_zero"] == pytest.approx(float(hand), rel=1e-5)
+    assert metrics.ce_zero == pytest.approx(float(hand), rel=1e-5)
 
 
 def test_bad_training_configuration():
@@ -151,6 +151,6 @@ def test_training_on_cached_activations():
     trainer = SAETrainer(model, tokenizer, config())
     trainer.fit_activations(cached, epochs=3, progress=False)
     assert trainer.step == 3 * (len(cached) // 256)
-    assert trainer.history[-1]["L1/fvu"] < 0.5 * trainer.history[0]["L1/fvu"]
+    assert trainer.history[-1]["sae/L1/fvu"] < 0.5 * trainer.history[0]["sae/L1/fvu"]
     with pytest.raises(ValueError, match=r"activations must be \[N, 2, 64\]"):
         trainer.fit_activations(cached[:, :1])

@@ -27,6 +27,7 @@ import tempfile
 
 import torch
 from common import (
+    STRENGTH_OF_NORM,
     add_output_options,
     chat_prompts,
     generate,
@@ -42,7 +43,6 @@ from peft import LoraConfig
 from trl import GRPOConfig, GRPOTrainer
 
 from qscope_hf import Steering
-from qscope_hf.demo import STRENGTH_OF_NORM
 from qscope_hf.discovery import residual_norm
 from qscope_trl import SteeredNegativeRollouts, repetition_features, repetition_reward
 

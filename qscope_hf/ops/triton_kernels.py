@@ -219,7 +219,12 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(n))
 
 
-def _threshold(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, stride: int) -> Tensor | None:
+def default_capacity(k: int, sample_stride: int = SAMPLE_STRIDE) -> int:
+    """Candidates kept per row by default: about twice the count a sampled threshold lets through."""
+    return _pow2(2 * (math.ceil(k / sample_stride) + SAMPLE_MARGIN) * sample_stride)
+
+
+def sample_threshold(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, stride: int) -> Tensor | None:
     """Per-row threshold from a strided sample of latents, or ``None`` when the sample is too small to help."""
     needed = math.ceil(k / stride) + SAMPLE_MARGIN
     sample_w, sample_b = W_enc[::stride], b_enc[::stride]
@@ -291,12 +296,12 @@ def select_topk(
         return chunked_select_topk(x, W_enc, b_enc, k)
     n_rows, d_model = x.shape
     d_sae = W_enc.shape[0]
-    threshold = _threshold(x, W_enc, b_enc, k, sample_stride) if n_rows else None
+    threshold = sample_threshold(x, W_enc, b_enc, k, sample_stride) if n_rows else None
     if threshold is None:
         threshold = torch.full((n_rows,), -math.inf, device=x.device)
         capacity = d_sae
     elif capacity is None:
-        capacity = min(d_sae, _pow2(2 * (math.ceil(k / sample_stride) + SAMPLE_MARGIN) * sample_stride))
+        capacity = min(d_sae, default_capacity(k, sample_stride))
     capacity = max(capacity, k)
     config = config or encode_config(x.dtype, n_rows, d_model)
     counts, keys = launch_encode(x, W_enc, b_enc, threshold, capacity, config)
