@@ -19,6 +19,8 @@ import torch
 from qscope_hf.smollm2 import ASSETS, load_model, load_saes
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Steering strength of the studies that steer at a fixed strength, as a fraction of the residual's median norm.
+STRENGTH_OF_NORM = 0.6
 RESULTS = ROOT / "RESULTS.md"
 OUT = ROOT / "results"
 
@@ -58,19 +60,24 @@ def has_loop(token_ids: list[int], n: int = 4, repeats: int = 3) -> bool:
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, prompts: list[str], completions: list[str]) -> float:
+def perplexity(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 16) -> float:
     """Perplexity of ``completions`` given their prompts under ``model`` (mean over completion tokens)."""
     total, count = 0.0, 0
-    for prompt, completion in zip(prompts, completions):
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        ids = tokenizer(prompt + completion)["input_ids"]
-        if len(ids) <= len(prompt_ids):
-            continue
-        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
-        target = torch.tensor(ids[1:])
-        losses = torch.nn.functional.cross_entropy(logits, target, reduction="none")[len(prompt_ids) - 1:]
-        total += float(losses.sum())
-        count += len(losses)
+    pairs = [(tokenizer(p)["input_ids"], tokenizer(p + c)["input_ids"]) for p, c in zip(prompts, completions)]
+    pairs = [(len(p), ids) for p, ids in pairs if len(ids) > len(p)]
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        length = max(len(ids) for _, ids in chunk)
+        ids = torch.full((len(chunk), length), tokenizer.pad_token_id or 0, dtype=torch.long)
+        scored = torch.zeros(len(chunk), length - 1, dtype=torch.bool)
+        for row, (prompt_length, sequence) in enumerate(chunk):
+            ids[row, :len(sequence)] = torch.tensor(sequence)
+            scored[row, prompt_length - 1:len(sequence) - 1] = True
+        mask = torch.arange(length)[None, :] < torch.tensor([len(s) for _, s in chunk])[:, None]
+        logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1]
+        losses = torch.nn.functional.cross_entropy(logits[scored], ids[:, 1:][scored], reduction="sum")
+        total += float(losses)
+        count += int(scored.sum())
     return float(torch.tensor(total / max(count, 1)).exp())
 
 
@@ -128,6 +135,6 @@ def provenance(quick: bool) -> str:
             + (" (quick mode: fewer prompts, shorter runs)" if quick else ""))
 
 
-__all__ = ["ASSETS", "OUT", "add_output_options", "chat_prompts", "contrast_texts", "generate", "has_english",
-           "has_loop", "is_french", "language_scores", "load_model", "load_saes", "perplexity", "provenance",
-           "write_section"]
+__all__ = ["ASSETS", "OUT", "STRENGTH_OF_NORM", "add_output_options", "chat_prompts", "contrast_texts", "generate",
+           "has_english", "has_loop", "is_french", "language_scores", "load_model", "load_saes", "perplexity",
+           "provenance", "words", "write_section"]
