@@ -34,6 +34,7 @@ from .releases import Release, UnknownReleaseError, find_release, get_release, l
 from .sae import SparseAutoencoder
 from .steering import (
     FeatureTrace,
+    PromptLayout,
     SAELogitsProcessor,
     Steering,
     SteeringGenerationMixin,
@@ -66,6 +67,7 @@ __all__ = [
     "unembedding",
     "CheckpointError",
     "FeatureTrace",
+    "PromptLayout",
     "SAELogitsProcessor",
     "Steering",
     "SteeringGenerationMixin",

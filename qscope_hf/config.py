@@ -8,7 +8,8 @@ from typing import Any
 from .errors import ConfigError
 from .ops import ACTIVATIONS
 
-#: SAE ``layer n`` reads (and steering writes) the output of decoder layer n, i.e. ``hidden_states[n + 1]``.
+#: SAE ``layer n`` reads (and steering writes) the output of decoder layer n, i.e. ``hidden_states[n + 1]``: the
+#: only hook point qscope SAEs have (older sidecars record it as ``"hook_point": "resid_post"``).
 RESID_POST = "resid_post"
 
 
@@ -16,7 +17,7 @@ RESID_POST = "resid_post"
 class SAEConfig:
     """Shape, activation and provenance of one TopK SAE.
 
-    ``layer`` is the decoder layer whose output the SAE reads (``hook_point="resid_post"``); ``release`` the hub
+    ``layer`` is the decoder layer whose output the SAE reads (the residual stream after it); ``release`` the hub
     repo it came from, if any; ``model_id`` the model it was trained on.
     """
 
@@ -25,7 +26,6 @@ class SAEConfig:
     k: int
     activation: str = "relu_topk"
     layer: int | None = None
-    hook_point: str = RESID_POST
     release: str | None = None
     model_id: str | None = None
 
@@ -42,8 +42,6 @@ class SAEConfig:
             raise ValueError(f"unknown activation {self.activation!r}; choose one of {ACTIVATIONS}")
         if self.layer is not None and self.layer < 0:
             raise ValueError(f"layer must be >= 0, got {self.layer}")
-        if self.hook_point != RESID_POST:
-            raise ValueError(f"unsupported hook point {self.hook_point!r}; qscope SAEs read {RESID_POST!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

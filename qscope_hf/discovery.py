@@ -70,10 +70,6 @@ class FeatureStats:
         """Mean activation over all counted positions (zeros included)."""
         return self.act_sum / max(self.tokens, 1)
 
-    @property
-    def mean_when_firing(self) -> Tensor:
-        return self.act_sum / self.fire_count.clamp(min=1)
-
     def top_contexts(self, feature: int, *, window: int = 8) -> list[FeatureContext]:
         """The recorded top-activating contexts of ``feature``, best first, ``window`` tokens either side."""
         feature = int(self.sae.feature_index(feature)[0])

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import formats, ops
-from .config import RESID_POST, SAEConfig
+from .config import SAEConfig
 from .errors import FeatureIndexError
 
 Features = int | Sequence[int] | Tensor
@@ -31,10 +31,10 @@ class SparseAutoencoder(nn.Module):
 
     def __init__(self, d_model: int, d_sae: int, k: int, activation: str = "relu_topk", *,
                  layer: int | None = None, release: str | None = None, model_id: str | None = None,
-                 hook_point: str = RESID_POST, dtype: torch.dtype | None = None,
+                 dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, backend: str | None = None) -> None:
         super().__init__()
-        self.cfg = SAEConfig(d_model, d_sae, k, activation, layer, hook_point, release, model_id)
+        self.cfg = SAEConfig(d_model, d_sae, k, activation, layer, release, model_id)
         self.backend = backend
         factory: dict[str, Any] = {"dtype": dtype, "device": device}
         self.W_enc = nn.Parameter(torch.empty(d_sae, d_model, **factory))
@@ -78,10 +78,6 @@ class SparseAutoencoder(nn.Module):
     @property
     def release(self) -> str | None:
         return self.cfg.release
-
-    @property
-    def hook_point(self) -> str:
-        return self.cfg.hook_point
 
     @property
     def dtype(self) -> torch.dtype:
@@ -212,7 +208,7 @@ class SparseAutoencoder(nn.Module):
         dtype = dtype or tensors["W_enc"].dtype
         device = torch.device(device or "cpu")
         sae = cls(cfg.d_model, cfg.d_sae, cfg.k, cfg.activation, layer=cfg.layer, release=cfg.release,
-                  model_id=cfg.model_id, hook_point=cfg.hook_point, device="meta")
+                  model_id=cfg.model_id, device="meta")
         with torch.no_grad():
             for name in formats.TENSOR_KEYS:
                 source = tensors[name]

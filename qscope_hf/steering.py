@@ -31,6 +31,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import KW_ONLY, dataclass, field, replace
+from enum import Enum
 from typing import Any, Literal, get_args
 
 import torch
@@ -192,12 +193,10 @@ def steering_list(steerings: Steering | Sequence[Steering] | None) -> list[Steer
 
 
 @dataclass
-class _Prompt:
-    """The batch a session steers: which prompt positions are real tokens, and how many tokens may follow.
-
-    ``real`` is ``[B, T]`` (False on left padding) or None when every token of every forward is a real prompt
-    token; ``max_new_tokens`` is None for plain forwards (each forward a whole sequence, nothing generated).
-    """
+class PromptLayout:
+    """The batch a :class:`SteeringSession` steers: ``batch`` prompt rows, which prompt positions are real tokens
+    (``real [B, T]``, False on padding; None when every token of every forward is a real prompt token), and how
+    many tokens may follow (``max_new_tokens``; None for plain forwards, each forward a whole sequence)."""
 
     batch: int
     real: Tensor | None
@@ -246,10 +245,18 @@ class _Entry:
         return self.rows is None and self.spec.positions in ("all", "generated")
 
 
+class Where(Enum):
+    """Where an edit applies in a forward when it is not a per-position mask."""
+
+    EVERYWHERE = "everywhere"
+    NOWHERE = "nowhere"
+
+
 class _LayerSteerer:
     """The edit a session applies to one decoder layer's output ``[B·expand, t, d]`` at every forward."""
 
-    def __init__(self, entries: list[_Entry], traces: list[FeatureTrace], prompt: _Prompt, stateless: bool) -> None:
+    def __init__(self, entries: list[_Entry], traces: list[FeatureTrace], prompt: PromptLayout,
+                 stateless: bool) -> None:
         self.entries, self.traces, self.prompt, self.stateless = entries, traces, prompt, stateless
         self.offset = 0
         self.relative = any(entry.spec.relative for entry in entries)
@@ -274,18 +281,18 @@ class _LayerSteerer:
         real = prompt.real_on(positions.device)[row_of][:, positions.clamp(max=prompt.length - 1)]
         return real | (positions >= prompt.length)[None, :]
 
-    def _mask(self, entry: _Entry, row_of: Tensor, positions: Tensor, first: int) -> Tensor | bool | None:
-        """Where ``entry`` applies in this forward: a ``[B', t]`` bool mask, None (everywhere) or False (nowhere)."""
+    def _mask(self, entry: _Entry, row_of: Tensor, positions: Tensor, first: int) -> Tensor | Where:
+        """Where ``entry`` applies in this forward: a ``[B', t]`` bool mask, or :class:`Where`."""
         spec, prompt = entry.spec, self.prompt
         length = prompt.length if prompt.length is not None else first + len(positions)
         last = first + len(positions) - 1
         if spec.positions == "generated":
             if prompt.max_new_tokens is None or last < length:
-                return False
+                return Where.NOWHERE
             mask = None if first >= length else (positions >= length)[None, :].expand(len(row_of), -1)
         elif spec.positions in ("prompt", "all"):
             if spec.positions == "prompt" and first >= length:
-                return False
+                return Where.NOWHERE
             mask = self._real(row_of, positions, first)
             if spec.positions == "prompt" and last >= length:
                 below = (positions < length)[None, :]
@@ -300,7 +307,7 @@ class _LayerSteerer:
         if entry.rows is not None:
             rows = entry.rows.to(row_of.device)[row_of][:, None]
             mask = rows.expand(-1, len(positions)) if mask is None else mask & rows
-        return mask
+        return Where.EVERYWHERE if mask is None else mask
 
     def _measure_units(self, hidden: Tensor) -> Tensor:
         """``[B', 1, 1]``: each row's median residual norm over its real prompt tokens but the first (all of them
@@ -342,13 +349,13 @@ class _LayerSteerer:
         where = None  # (row_of, positions), built only for entries that need a mask
         for entry in self.entries:
             if decoding and entry.every_generated:
-                mask = None
+                mask = Where.EVERYWHERE
             else:
                 if where is None:
                     where = self._row_of(rows, hidden.device), torch.arange(first, first + steps, device=hidden.device)
                 mask = self._mask(entry, *where, first)
-            if mask is not False:
-                hidden = self._apply(entry.spec, hidden, mask)
+            if mask is not Where.NOWHERE:
+                hidden = self._apply(entry.spec, hidden, None if mask is Where.EVERYWHERE else mask)
         for trace in self.traces:
             trace.record(hidden)
         return hidden
@@ -385,7 +392,7 @@ class SteeringSession:
     forward is a whole sequence). Errors in the specs are raised here, before any forward.
     """
 
-    def __init__(self, model: nn.Module, steerings: Sequence[Steering], rows: RowSpecs | None, prompt: _Prompt,
+    def __init__(self, model: nn.Module, steerings: Sequence[Steering], rows: RowSpecs | None, prompt: PromptLayout,
                  traces: Sequence[FeatureTrace] = ()) -> None:
         self.model, self.prompt = model, prompt
         entries: dict[int, list[_Entry]] = {}
@@ -456,7 +463,7 @@ class SAELogitsProcessor(LogitsProcessor):
         if len(input_ids) % expand:
             raise ValueError(f"{len(input_ids)} rows are not {expand} copies of each prompt")
         real = (attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool))
-        prompt = _Prompt(len(input_ids) // expand, real[::expand].cpu(), max(int(max_new_tokens), 0))
+        prompt = PromptLayout(len(input_ids) // expand, real[::expand].cpu(), max(int(max_new_tokens), 0))
         self.traces = [FeatureTrace(sae, list(features)) for sae, features in self.trace_specs]
         return SteeringSession(model, self.steerings, self.rows, prompt, self.traces)
 
@@ -531,8 +538,8 @@ def steered(model: nn.Module, steerings: Steering | Sequence[Steering] | None = 
     real and per-row specs need ``batch_size``."""
     if attention_mask is None:
         batch = batch_size if batch_size is not None else (len(rows) if rows is not None else 1)
-        prompt = _Prompt(batch, None, None)
+        prompt = PromptLayout(batch, None, None)
     else:
-        prompt = _Prompt(attention_mask.shape[0], attention_mask.bool().cpu(), None)
+        prompt = PromptLayout(attention_mask.shape[0], attention_mask.bool().cpu(), None)
     with SteeringSession(model, steering_list(steerings), rows, prompt) as session:
         yield session

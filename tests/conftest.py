@@ -51,28 +51,3 @@ def tiny_release(tmp_path_factory) -> Path:
     from qscope_hf.tiny import write_tiny_release
 
     return write_tiny_release(tmp_path_factory.mktemp("release") / "SAE-Res-tiny-W256-L0_8", k=8)
-
-
-def make_hub_cache(root: Path, repo_id: str, files: dict[str, Path]) -> Path:
-    """Lay ``files`` out as huggingface_hub's cache holds a downloaded repo, so that ``hf_hub_download`` with
-    ``HF_HUB_OFFLINE=1`` and ``cache_dir=root`` resolves them through its normal code path."""
-    commit = "0" * 40
-    repo_dir = root / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo_dir / "snapshots" / commit
-    snapshot.mkdir(parents=True, exist_ok=True)
-    (repo_dir / "refs").mkdir(exist_ok=True)
-    (repo_dir / "refs" / "main").write_text(commit)
-    for name, source in files.items():
-        (snapshot / name).write_bytes(source.read_bytes())
-    return root
-
-
-def qscope_hooks(model) -> list:
-    """Hooks that qscope left on ``model`` or its decoder layers (transformers installs hooks of its own, e.g. to
-    capture ``output_hidden_states``; those are not counted)."""
-    from qscope_hf import decoder_layers, unwrap_model
-
-    modules = [unwrap_model(model), *decoder_layers(model)]
-    hooks = [fn for module in modules for registry in (module._forward_hooks, module._forward_pre_hooks)
-             for fn in registry.values()]
-    return [fn for fn in hooks if getattr(fn, "__module__", "").startswith(("qscope_hf", "qscope_trl"))]

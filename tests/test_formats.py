@@ -7,9 +7,9 @@ import json
 import pytest
 import safetensors.torch
 import torch
-from conftest import make_hub_cache
 
 from qscope_hf import CheckpointError, Release, SparseAutoencoder, UnknownReleaseError, register_release
+from qscope_hf.testing import make_hub_cache
 from qscope_hf.tiny import tiny_sae
 
 PARAMS = ("W_enc", "W_dec", "b_enc", "b_dec")

@@ -7,7 +7,6 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import qscope_hooks
 from peft import LoraConfig, get_peft_model
 from torch.nn.parallel import DistributedDataParallel
 
@@ -21,6 +20,7 @@ from qscope_hf import (
     layer_outputs,
     unwrap_model,
 )
+from qscope_hf.testing import leaked_hooks
 from qscope_hf.tiny import tiny_model, tiny_sae
 
 
@@ -103,7 +103,7 @@ def test_hook_returning_none_leaves_output_and_capture_can_keep_graph(qwen3):
 def test_hooks_removed_after_exceptions(qwen3):
     with pytest.raises(RuntimeError, match="user code failed"):
         with capture_layers(qwen3, [0, 3]):
-            assert len(qscope_hooks(qwen3)) == 2
+            assert len(leaked_hooks(qwen3)) == 2
             raise RuntimeError("user code failed")
 
     def broken(hidden):
@@ -112,7 +112,7 @@ def test_hooks_removed_after_exceptions(qwen3):
     with pytest.raises(ValueError, match="edit failed"):
         with hook_layers(qwen3, {1: broken}):
             qwen3(input_ids=prompt_ids())
-    assert not qscope_hooks(qwen3)
+    assert not leaked_hooks(qwen3)
 
 
 def test_bad_layers_and_sizes(qwen3):
@@ -126,7 +126,7 @@ def test_bad_layers_and_sizes(qwen3):
     with pytest.raises(ValueError, match="vector for layer 0 has size 10"):
         with add_to_layers(qwen3, {0: torch.zeros(10)}):
             pass
-    assert not qscope_hooks(qwen3)
+    assert not leaked_hooks(qwen3)
 
 
 def test_capture_can_stop_the_forward_after_the_last_layer(qwen3):
@@ -141,4 +141,4 @@ def test_capture_can_stop_the_forward_after_the_last_layer(qwen3):
         assert calls and torch.equal(full[1], captured[1])
     finally:
         handle.remove()
-    assert not qscope_hooks(qwen3)
+    assert not leaked_hooks(qwen3)

@@ -7,6 +7,8 @@ import torch
 
 from qscope_hf import ops
 from qscope_hf.ops import chunked, dispatch, reference
+from qscope_hf.testing import TOLERANCE as TOL
+from qscope_hf.testing import assert_op_matches_reference
 
 STREAMING = ["chunked", "triton"]
 #: Triton runs on the GPU when there is one, else in Triton's CPU interpreter (conftest sets TRITON_INTERPRET).
@@ -17,9 +19,6 @@ def on(backend, *tensors):
     """Move test inputs to where ``backend`` runs."""
     moved = tuple(t.to(DEVICE.get(backend, "cpu")) for t in tensors)
     return moved if len(moved) > 1 else moved[0]
-#: Per-dtype tolerance on values: fp32 summation order, or one rounding step of the output dtype.
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
-       torch.float16: dict(rtol=2e-3, atol=2e-3), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
 
 def make_encoder(n, d_model, d_sae, *, seed=0, dtype=torch.float32, lead=()):
@@ -89,13 +88,10 @@ def test_backend_equals_reference(backend, shape, dtype, monkeypatch):
     n, d_model, d_sae, k = shape
     monkeypatch.setattr(chunked, "MIN_TILE", 37)  # several tiles of odd width even at these sizes
     monkeypatch.setattr(chunked, "TILE_ELEMENTS", 37 * n)
-    x, W, b = on(backend, *make_encoder(n, d_model, d_sae, dtype=dtype, seed=n))
     for activation in ops.ACTIVATIONS:
-        values, indices = ops.topk_encode(x, W, b, k, activation, backend=backend)
-        want_values, want_indices = ops.topk_encode(x, W, b, k, activation, backend="reference")
-        assert values.dtype == dtype and indices.dtype == torch.long
-        assert torch.equal(indices, want_indices)
-        torch.testing.assert_close(values, want_values, **TOL[dtype])
+        assert_op_matches_reference("topk_encode", backend, shape, dtype, activation=activation, seed=n)
+    assert_op_matches_reference("sparse_decode", backend, shape, dtype, seed=n)
+    assert_op_matches_reference("feature_pre_acts", backend, shape, dtype, seed=n)
 
 
 @pytest.mark.parametrize("backend", ["reference", *STREAMING])
@@ -151,7 +147,7 @@ def test_triton_threshold_fallback_rows_stay_exact():
 # -- sparse primitives and decode -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", STREAMING)
 def test_sparse_primitives_match_dense_formulas(backend):
-    kernels = ops._kernels(backend)
+    kernels = ops.backend_kernels(backend)
     g = torch.Generator().manual_seed(0)
     values, rows = torch.randn(9, 5, generator=g), torch.randn(9, 24, generator=g)
     indices = torch.randint(0, 70, (9, 5), generator=g)

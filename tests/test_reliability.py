@@ -13,7 +13,6 @@ import sys
 import pytest
 import safetensors.torch
 import torch
-from conftest import qscope_hooks
 
 from qscope_hf import (
     CheckpointError,
@@ -28,6 +27,7 @@ from qscope_hf.analysis import coverage_curve, footprints
 from qscope_hf.classify import collect_text_features
 from qscope_hf.discovery import activation_stats, contrast_features, residual_norm
 from qscope_hf.formats import hook_layer
+from qscope_hf.testing import leaked_hooks
 from qscope_hf.tiny import tiny_model, tiny_sae
 from qscope_hf.training import TrainConfig
 
@@ -118,7 +118,7 @@ def test_a_steered_model_pickles_copies_and_saves(tmp_path, tokenizer, sae):
         assert type(other).__name__ == "Qwen3ForCausalLM"
         torch.testing.assert_close(other(input_ids=ids).logits, expected)
     again = SAELogitsProcessor(copies[0], Steering(sae, 3, 2.0))  # steering works again on the copy
-    assert again is not None and not qscope_hooks(copies[0])
+    assert again is not None and not leaked_hooks(copies[0])
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def test_card_variant(sae):
 def test_decoder_stored_feature_major_and_metadata(sae):
     assert sae.W_dec.shape == (32, 200) and sae.W_dec.T.is_contiguous()
     assert sae.to(torch.bfloat16).W_dec.T.is_contiguous()
-    assert (sae.layer, sae.hook_point, sae.dtype) == (2, "resid_post", torch.bfloat16)
+    assert (sae.layer, sae.dtype) == (2, torch.bfloat16)
     torch.testing.assert_close(sae.W_dec.float().norm(dim=0), torch.ones(200), atol=1e-2, rtol=0)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import qscope_hooks
 from peft import LoraConfig, get_peft_model
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -17,6 +16,7 @@ from qscope_hf import (
     enable_steering,
     steered,
 )
+from qscope_hf.testing import leaked_hooks
 from qscope_hf.tiny import tiny_model, tiny_sae
 
 LAYER = 1
@@ -34,7 +34,7 @@ def sae():
 
 
 def no_hooks(model) -> bool:
-    return not qscope_hooks(model)
+    return not leaked_hooks(model)
 
 
 class HandHook:

@@ -7,13 +7,13 @@ import os
 
 import pytest
 import torch
-from conftest import qscope_hooks
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 from qscope_hf import ConfigError, Steering, decoder_layers
+from qscope_hf.testing import leaked_hooks
 from qscope_hf.tiny import tiny_model, tiny_sae, tiny_tokenizer
 from qscope_trl import (
     LanguageBaselines,
@@ -87,7 +87,7 @@ def test_monitor_callback_logs_rates_of_the_training_forward(tmp_path, sae):
     finally:
         handle.remove()
     assert len(forwards) == len(plain_forwards) + 1  # + the one probe forward, no other extra forward
-    assert not qscope_hooks(trainer.model)
+    assert not leaked_hooks(trainer.model)
 
 
 def penalty_for(sae, **options):
@@ -242,7 +242,7 @@ def test_steered_negative_rollouts_on_the_right_rows(tmp_path, sae):
                 handle.remove()
         assert rows[1] == plain[:len(rows[1])]
         assert rows[0] == hooked.tolist()[:len(rows[0])]
-    assert not qscope_hooks(model)
+    assert not leaked_hooks(model)
 
 
 class RecordingGRPOTrainer(GRPOTrainer):
@@ -335,13 +335,13 @@ def test_monitor_hooks_are_removed_when_training_raises(tmp_path, sae):
     assert trainer.callback_handler.callbacks[0] is attached
     with pytest.raises(RuntimeError, match="boom"):
         trainer.train()
-    assert not qscope_hooks(trainer.model)
+    assert not leaked_hooks(trainer.model)
 
     passed = SAEFeatureMonitorCallback(sae, [3, 9], every=1)
     trainer = sft_trainer(tmp_path, callbacks=[passed, Boom()])
     with passed, pytest.raises(RuntimeError, match="boom"):
         trainer.train()
-    assert not qscope_hooks(trainer.model)
+    assert not leaked_hooks(trainer.model)
 
 
 def test_monitor_refuses_bad_configuration(sae):

@@ -47,7 +47,8 @@ class _TorchKernels:
     scatter_outer = staticmethod(sparse.scatter_outer)
 
 
-def _kernels(name: str) -> Kernels:
+def backend_kernels(name: str) -> Kernels:
+    """The kernels of a streaming backend (``"chunked"`` or ``"triton"``)."""
     return triton_module() if name == "triton" else _TorchKernels
 
 
@@ -88,7 +89,7 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, activation: str
     if name == "reference":
         values, indices = reference.topk_encode(x2, W_enc, b_enc, k, activation)
     else:
-        values, indices = TopKEncode.apply(x2, W_enc, b_enc, k, activation, _kernels(name))
+        values, indices = TopKEncode.apply(x2, W_enc, b_enc, k, activation, backend_kernels(name))
     # One rule for non-finite input on every backend (their NaN orderings differ): NaN values, indices 0..k-1.
     broken = ~x2.isfinite().all(-1, keepdim=True)  # [N, 1], no host sync
     values = values.masked_fill(broken, float("nan"))
@@ -125,7 +126,7 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
     if name == "reference":
         out = reference.sparse_decode(values2, indices2, W_dec, b_dec)
     else:
-        out = SparseDecode.apply(values2, indices2, W_dec, b_dec, _kernels(name))
+        out = SparseDecode.apply(values2, indices2, W_dec, b_dec, backend_kernels(name))
     return out.reshape(*lead, W_dec.shape[0])
 
 
@@ -158,6 +159,8 @@ def dense_decode(z: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
 
 __all__ = [
     "ACTIVATIONS",
+    "Kernels",
+    "backend_kernels",
     "BACKENDS",
     "ENV_VAR",
     "BackendUnavailableError",
