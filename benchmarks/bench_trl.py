@@ -76,7 +76,7 @@ def sft_run(penalty: bool, steps: int) -> list[float]:
     trainer = SFTTrainer(model=model(), args=args, train_dataset=data, processing_class=tiny_tokenizer(),
                          peft_config=lora(), callbacks=[timer])
     if penalty:
-        add_sae_penalty(trainer, SAEFeaturePenalty(saes(), {"zh": list(range(64))}, lam=5e-4))
+        add_sae_penalty(trainer, SAEFeaturePenalty(saes(), {"zh": list(range(64))}, coef=5e-4))
     trainer.train()
     return timer.times[1:]
 

@@ -33,8 +33,8 @@ trainer = SFTTrainer(
                    bf16=False, report_to="none", save_strategy="no", logging_steps=1),
     peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
 )
-penalty = SAEFeaturePenalty(saes, found.of("zh"), lam=1e-3, baselines=baselines,
+penalty = SAEFeaturePenalty(saes, found.of("zh"), coef=1e-3, baselines=baselines,
                             language_column="language")                         # <- the addition (1/2)
 add_sae_penalty(trainer, penalty)                                               # <- the addition (2/2)
 trainer.train()
-print([round(entry["sae_penalty"], 4) for entry in trainer.state.log_history if "sae_penalty" in entry])
+print([round(entry["sae/penalty"], 4) for entry in trainer.state.log_history if "sae/penalty" in entry])

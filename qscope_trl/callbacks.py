@@ -1,11 +1,12 @@
 """``SAEFeatureMonitorCallback``: log how often chosen SAE features fire on completion tokens during training.
 
-Add it to any ``SFTTrainer`` / ``GRPOTrainer`` (or ``Trainer``) with ``callbacks=[...]``. It reads the chosen layers'
-outputs from hooks during the trainer's own training forwards (no extra forward; recomputation under gradient
-checkpointing is not counted twice) and, every ``every`` steps, logs per feature the firing rate (fraction of
-completion tokens where ``ReLU(f_s(x)) > threshold``) and the mean activation, as ``sae/L{layer}/f{feature}/rate``
-and ``.../mean`` in the trainer's normal logs, so they reach TensorBoard / W&B like any metric. An optional probe
-set is run (one extra no-grad forward at each logging step) and logged under ``sae_probe/``.
+Add it to any ``SFTTrainer`` / ``GRPOTrainer`` (or ``Trainer``). It reads the chosen layers' outputs from hooks
+during the trainer's own training forwards (no extra forward; recomputation under gradient checkpointing is not
+counted twice) and, at the trainer's logging steps, logs per feature the firing rate (fraction of completion tokens
+where ``ReLU(f_s(x)) > threshold``) and the mean activation, as ``sae/L{layer}/f{feature}/rate`` and ``.../mean``
+in the trainer's normal logs, so they reach TensorBoard / W&B like any metric. An optional probe set is run (one
+extra no-grad forward at each logging step) and logged under ``sae/probe/``. What it watches is saved next to each
+checkpoint (``qscope_monitor.json``).
 
 Completion tokens are those with ``labels != -100`` (SFT), the last ``logits_to_keep`` real tokens (GRPO), or all
 real tokens otherwise. Activations are read from each feature's own encoder row (no full encode).
@@ -21,18 +22,25 @@ next ``train()``.
 from __future__ import annotations
 
 import functools
+import json
+import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from qscope_hf.errors import ConfigError
 from qscope_hf.hooks import check_sae_fits, decoder_layers, layer_hidden, layer_outputs, unwrap_model
 from qscope_hf.sae import SparseAutoencoder
 from qscope_hf.validation import finite, positive_int
+
+#: The file next to a trainer checkpoint that records what the monitor watched.
+MONITOR_CONFIG = "qscope_monitor.json"
 
 
 def _token_mask(kwargs: Mapping[str, Any], hidden: Tensor) -> Tensor:
@@ -52,51 +60,76 @@ def _token_mask(kwargs: Mapping[str, Any], hidden: Tensor) -> Tensor:
     return real
 
 
-class SAEFeatureMonitorCallback(TrainerCallback):
-    """Firing rate and mean activation of ``features`` of ``saes`` on completion tokens, logged every ``every`` steps.
+Features = Sequence[int] | Mapping[str, int]
 
-    ``features`` is a list (one SAE) or a mapping layer -> list. ``probe_texts`` (with ``tokenizer``) adds the same
-    statistics on a fixed probe set.
+
+class SAEFeatureMonitorCallback(TrainerCallback):
+    """Firing rate and mean activation of ``features`` of ``saes`` on the completion tokens of training batches.
+
+    ``features``: feature ids (one SAE), ``{label: id}`` (one SAE, logged under the label, e.g.
+    ``{"french": 797}``), or a mapping layer -> either of those. Per feature and logging step, ``rate`` is the
+    fraction of completion tokens where ``ReLU(f_s(x)) > threshold`` and ``mean`` the activation averaged over all
+    completion tokens (zeros included), logged as ``sae/L{layer}/{label}/rate`` and ``.../mean`` (label ``f{id}``
+    by default). ``log_every=None`` logs whenever the trainer logs (its ``logging_steps``); an integer adds
+    logging every that many steps. ``probe_texts`` (with ``tokenizer``) adds the same statistics on a fixed probe
+    set, under ``sae/probe/``.
     """
 
     def __init__(self, saes: SparseAutoencoder | Sequence[SparseAutoencoder],
-                 features: Sequence[int] | Mapping[int, Sequence[int]], *, every: int = 10, threshold: float = 0.0,
-                 probe_texts: Sequence[str] | None = None, tokenizer: Any = None, prefix: str = "sae") -> None:
+                 features: Features | Mapping[int, Features], *, log_every: int | None = None,
+                 threshold: float = 0.0, probe_texts: Sequence[str] | None = None, tokenizer: Any = None,
+                 prefix: str = "sae", every: int | None = None) -> None:
         saes = [saes] if isinstance(saes, SparseAutoencoder) else list(saes)
         if not saes:
             raise ConfigError("SAEFeatureMonitorCallback needs at least one SAE")
         self.saes = {sae.layer: sae for sae in saes}
-        if not isinstance(features, Mapping):
+        if not (isinstance(features, Mapping) and features and all(isinstance(k, int) for k in features)):
             if len(saes) != 1:
                 raise ConfigError("with several SAEs, pass features as a mapping layer -> feature ids")
             features = {saes[0].layer: features}
         unknown = sorted(set(features) - set(self.saes))
         if unknown:
             raise ConfigError(f"features are given for layers {unknown} but the SAEs read layers {sorted(self.saes)}")
-        self.readers = {layer: self.saes[layer].feature_reader(list(ids)) for layer, ids in features.items()}
+        self.labels: dict[int, list[str]] = {}
+        ids: dict[int, list[int]] = {}
+        for layer, chosen in features.items():
+            named = dict(chosen) if isinstance(chosen, Mapping) else {f"f{int(f)}": f for f in chosen}
+            self.labels[layer], ids[layer] = list(named), list(named.values())
+        self.readers = {layer: self.saes[layer].feature_reader(chosen) for layer, chosen in ids.items()}
         self.features = {layer: reader.features for layer, reader in self.readers.items()}
         empty = [layer for layer, index in self.features.items() if not index.numel()]
         if not self.features or empty:
             raise ConfigError(f"no features to monitor at layers {empty or sorted(self.saes)}")
-        positive_int("every", every)
+        if every is not None:  # the previous release's name
+            warnings.warn("SAEFeatureMonitorCallback(every=...) is now log_every=...", FutureWarning, stacklevel=2)
+            log_every = every
+        self.log_every = None if log_every is None else positive_int("log_every", log_every)
         finite("threshold", threshold, non_negative=True)
         if probe_texts is not None and tokenizer is None:
             raise ConfigError("probe_texts need a tokenizer")
-        self.every, self.threshold, self.prefix = every, threshold, prefix
+        self.threshold, self.prefix = threshold, prefix
         self.probe_texts, self.tokenizer = probe_texts, tokenizer
         self._handles: list = []
         self._reset()
 
-    def _reset(self) -> None:
-        self.counts = {layer: torch.zeros(len(f), dtype=torch.float64) for layer, f in self.features.items()}
-        self.sums = {layer: torch.zeros(len(f), dtype=torch.float64) for layer, f in self.features.items()}
-        self.tokens = 0.0
+    def config(self) -> dict[str, Any]:
+        """What the monitor watches (saved next to the trainer's checkpoints as ``qscope_monitor.json``)."""
+        return {"layers": {str(layer): dict(zip(self.labels[layer], self.features[layer].tolist()))
+                           for layer in self.features}, "threshold": self.threshold, "log_every": self.log_every,
+                "saes": {str(layer): sae.cfg.to_dict() for layer, sae in self.saes.items()}}
 
-    def _record(self, layer: int, hidden: Tensor, mask: Tensor, counts: dict, sums: dict) -> float:
+    def _reset(self) -> None:
+        self.counts: dict[int, Tensor] = {}
+        self.sums: dict[int, Tensor] = {}
+        self.tokens: Tensor | float = 0.0
+
+    def _record(self, layer: int, hidden: Tensor, mask: Tensor, counts: dict, sums: dict) -> Tensor:
+        """Add one forward's statistics (kept on the hidden states' device: no host sync, no graph break under
+        ``torch.compile``); returns the number of counted tokens as a tensor."""
         acts = self.readers[layer].acts(hidden.detach()).float()[mask]  # [n, S]
-        counts[layer] += (acts > self.threshold).sum(0).double().cpu()
-        sums[layer] += acts.sum(0).double().cpu()
-        return float(mask.sum())
+        counts[layer] = counts.get(layer, 0) + (acts > self.threshold).sum(0).double()
+        sums[layer] = sums.get(layer, 0) + acts.sum(0).double()
+        return mask.sum().double()
 
     # -- hooks on the training model --------------------------------------------------------------------------
     def _install(self, model: nn.Module) -> None:
@@ -172,13 +205,18 @@ class SAEFeatureMonitorCallback(TrainerCallback):
         self.close()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
-        if state.global_step % self.every == 0:
+        if self.log_every is not None and state.global_step % self.log_every == 0:
             control.should_log = True
         return control
 
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if checkpoint.is_dir():
+            (checkpoint / MONITOR_CONFIG).write_text(json.dumps(self.config(), indent=2))
+
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, model: nn.Module | None = None,
                **kwargs: Any):
-        if logs is None or state.global_step % self.every or "loss" not in logs:
+        if logs is None or "loss" not in logs or (self.log_every is not None and state.global_step % self.log_every):
             return
         metrics = self._metrics(self.prefix, self.counts, self.sums, self.tokens)
         if self.probe_texts:
@@ -188,9 +226,10 @@ class SAEFeatureMonitorCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)
 
-    def _metrics(self, prefix: str, counts: dict, sums: dict, tokens: float) -> dict[str, float]:
-        totals = torch.tensor([tokens], dtype=torch.float64)
-        stacked = {layer: torch.stack([counts[layer], sums[layer]]) for layer in counts}
+    def _metrics(self, prefix: str, counts: dict, sums: dict, tokens: Tensor | float) -> dict[str, float]:
+        totals = torch.as_tensor(tokens, dtype=torch.float64).reshape(1).cpu()
+        stacked = {layer: torch.stack([counts[layer], sums[layer]]).cpu() if layer in counts
+                   else torch.zeros(2, len(self.features[layer]), dtype=torch.float64) for layer in self.features}
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)
             for value in stacked.values():
@@ -198,16 +237,16 @@ class SAEFeatureMonitorCallback(TrainerCallback):
         n = max(float(totals[0]), 1.0)
         metrics = {}
         for layer, (count, total) in stacked.items():
-            for feature, c, s in zip(self.features[layer].tolist(), count.tolist(), total.tolist()):
-                metrics[f"{prefix}/L{layer}/f{feature}/rate"] = c / n
-                metrics[f"{prefix}/L{layer}/f{feature}/mean"] = s / n
+            for label, c, s in zip(self.labels[layer], count.tolist(), total.tolist()):
+                metrics[f"{prefix}/L{layer}/{label}/rate"] = c / n
+                metrics[f"{prefix}/L{layer}/{label}/mean"] = s / n
         return metrics
 
     @torch.no_grad()
     def _probe(self, model: nn.Module) -> dict[str, float]:
         inner = unwrap_model(model)
-        counts = {layer: torch.zeros(len(f), dtype=torch.float64) for layer, f in self.features.items()}
-        sums = {layer: torch.zeros(len(f), dtype=torch.float64) for layer, f in self.features.items()}
+        counts: dict[int, Tensor] = {}
+        sums: dict[int, Tensor] = {}
         inputs = self.tokenizer(list(self.probe_texts), return_tensors="pt", padding=True)
         inputs = {k: v.to(next(inner.parameters()).device) for k, v in inputs.items()}
         was_training = inner.training
@@ -219,4 +258,4 @@ class SAEFeatureMonitorCallback(TrainerCallback):
         tokens = 0.0
         for layer in self.saes:
             tokens = self._record(layer, captured[layer], inputs["attention_mask"].bool(), counts, sums)
-        return self._metrics(f"{self.prefix}_probe", counts, sums, tokens)
+        return self._metrics(f"{self.prefix}/probe", counts, sums, tokens)

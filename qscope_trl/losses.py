@@ -1,6 +1,6 @@
 """SAE feature penalties as auxiliary losses for ``SFTTrainer`` (SASFT, METHODS.md §7) and ``GRPOTrainer``.
 
-``L = L_task + λ · Σ ReLU(f_s(x_t) − α_{lang(i), s}) / (n + 1)`` over completion tokens ``t`` of each sample ``i``
+``L = L_task + coef · Σ ReLU(f_s(x_t) − α_{lang(i), s}) / (n + 1)`` over completion tokens ``t`` of each sample ``i``
 and the features ``s`` penalised for it, where ``n`` counts those (token, feature) pairs. Features are grouped by
 the language ``L`` they belong to and are penalised on samples of every *other* language; ``α`` is the feature's
 mean pre-activation on the sample's own language (:func:`qscope_hf.languages.estimate_language_baselines`;
@@ -11,7 +11,7 @@ On a stock trainer::
 
     found = language_features(model, tokenizer, saes, multilingual_texts, top=2)         # layer -> language -> ids
     alpha = estimate_language_baselines(model, tokenizer, saes, found, multilingual_texts)
-    penalty = SAEFeaturePenalty(saes, found.of("zh"), lam=5e-4, baselines=alpha, language_column="language")
+    penalty = SAEFeaturePenalty(saes, found.of("zh"), coef=5e-4, baselines=alpha, language_column="language")
     trainer = SFTTrainer(model, args=args, train_dataset=data, peft_config=LoraConfig(...))
     add_sae_penalty(trainer, penalty)
 
@@ -23,13 +23,18 @@ normaliser ``n`` is summed over them, so the loss equals the single-process loss
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 
 from qscope_hf.classes import add_mixin
@@ -39,7 +44,15 @@ from qscope_hf.languages import LanguageBaselines
 from qscope_hf.sae import FeatureReader, SparseAutoencoder
 from qscope_hf.validation import finite
 
+from . import trl_internals
+
+T = TypeVar("T")
 LANGUAGE_KEY = "sae_language"
+#: The penalty's log key (unscaled, as in the paper's plots); ``sae/penalty_scaled`` is coef × it, the part of
+#: ``loss`` it contributes.
+PENALTY_METRIC = "sae/penalty"
+PENALTY_CONFIG = "qscope_sae_penalty.json"
+PENALTY_TAGS = ("qscope", "sae-penalty")
 #: The row of samples in a language the penalty does not list (without baselines, or without a language column):
 #: every listed feature is penalised on them, with α = 0.
 OTHER = "<other>"
@@ -72,14 +85,19 @@ class SAEFeaturePenalty:
 
     saes: SparseAutoencoder | Sequence[SparseAutoencoder]
     features: FeaturesByLanguage | Mapping[int, FeaturesByLanguage]
-    lam: float = 5e-4
+    coef: float = 5e-4
     baselines: LanguageBaselines | Mapping[int, Mapping[str, Mapping[int, float]]] | None = None
     language_column: str | None = "language"
+    lam: float | None = field(default=None, repr=False)  # the previous release's name of coef (deprecated)
     languages: list[str] = field(init=False)
     terms: dict[int, _Term] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        finite("lam", self.lam, non_negative=True)
+        if self.lam is not None:
+            finite("lam", self.lam, non_negative=True)
+            warnings.warn("SAEFeaturePenalty(lam=...) is now coef=...", FutureWarning, stacklevel=3)
+            self.coef, self.lam = self.lam, None
+        finite("coef", self.coef, non_negative=True)
         if self.baselines is not None:
             self.baselines = LanguageBaselines.coerce(self.baselines)
         saes = [self.saes] if isinstance(self.saes, SparseAutoencoder) else list(self.saes)
@@ -133,6 +151,14 @@ class SAEFeaturePenalty:
     @property
     def layers(self) -> list[int]:
         return list(self.terms)
+
+    def config(self) -> dict[str, Any]:
+        """What the penalty does, as JSON (saved next to the trainer's checkpoints as ``qscope_sae_penalty.json``):
+        coef, language column, languages, and per layer the features, their α table and the SAE's config."""
+        return {"coef": self.coef, "language_column": self.language_column, "languages": self.languages,
+                "layers": {str(layer): {"features": term.reader.features.tolist(), "alpha": term.alpha.tolist(),
+                                        "penalised": term.active.tolist(), "sae": term.sae.cfg.to_dict()}
+                           for layer, term in self.terms.items()}}
 
     def language_ids(self, languages: Sequence[Any]) -> Tensor:
         """Map each sample's language to its row in the tables; an unknown language raises."""
@@ -207,6 +233,25 @@ class _LanguageCollator:
         return batch
 
 
+class _PenaltyRecord(TrainerCallback):
+    """Writes the penalty's :meth:`~SAEFeaturePenalty.config` into each checkpoint; on resume, warns when the
+    checkpoint was trained with another penalty."""
+
+    def __init__(self, penalty: SAEFeaturePenalty) -> None:
+        self.penalty = penalty
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        saved = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / PENALTY_CONFIG
+        if state.global_step and saved.exists() and json.loads(saved.read_text()) != self.penalty.config():
+            warnings.warn(f"resuming from {saved.parent} with a different SAE penalty than it was trained with "
+                          f"(see {saved})", stacklevel=2)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if checkpoint.is_dir():
+            (checkpoint / PENALTY_CONFIG).write_text(json.dumps(self.penalty.config(), indent=2))
+
+
 class SAEPenaltyMixin:
     """Adds an :class:`SAEFeaturePenalty` to a TRL trainer's loss (``SFTTrainer``; :class:`GRPOPenaltyMixin` for
     ``GRPOTrainer``); apply it with :func:`add_sae_penalty`."""
@@ -218,12 +263,19 @@ class SAEPenaltyMixin:
         self.sae_penalty = penalty
         if penalty.language_column is not None:
             self.data_collator = _LanguageCollator(self.data_collator, penalty)
+        self._record_sae_penalty(penalty)
 
-    def _set_signature_columns_if_needed(self) -> None:
+    def _record_sae_penalty(self, penalty: SAEFeaturePenalty) -> None:
+        """Tag the model and its card (``qscope``, ``sae-penalty``), and keep the penalty's configuration next to
+        every checkpoint (checked against the checkpoint a run resumes from)."""
+        self.model.add_model_tags(list(PENALTY_TAGS))
+        trl_internals.add_card_tags(self, PENALTY_TAGS)
+        self.add_callback(_PenaltyRecord(penalty))
+
+    def _set_signature_columns_if_needed(self) -> None:  # private override: see qscope_trl.trl_internals
         super()._set_signature_columns_if_needed()
-        column = self.sae_penalty.language_column
-        if column is not None and column not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, column]
+        if self.sae_penalty.language_column is not None:
+            trl_internals.keep_column(self, self.sae_penalty.language_column)
 
     def _penalty_tokens(self, inputs: dict) -> Tensor:
         """``[B, T]`` mask of the completion tokens in the trainer's forward."""
@@ -231,15 +283,6 @@ class SAEPenaltyMixin:
             return inputs["labels"] != -100
         prompt = torch.zeros_like(inputs["prompt_ids"], dtype=torch.bool)  # GRPO: prompt then completion
         return torch.cat([prompt, inputs["completion_mask"].bool()], dim=1)
-
-    def _accumulation_divisor(self, num_items_in_batch: Any) -> int:
-        """Gradient-accumulation steps to divide the penalty by: as many as the trainer's own loss is divided by
-        inside ``compute_loss`` (when it is not, ``Trainer.training_step`` divides the sum, penalty included)."""
-        scaled = getattr(self, "loss_is_scaled_for_ga", None)
-        if scaled is None:
-            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or \
-                self.compute_loss_func is not None
-        return self.current_gradient_accumulation_steps if scaled and self.model.training else 1
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -253,10 +296,10 @@ class SAEPenaltyMixin:
         world = self.accelerator.num_processes
         count = self.accelerator.reduce(count.detach().float(), reduction="sum") if world > 1 else count.float()
         value = total / (count + 1)
-        aux = penalty.lam * value * world / self._accumulation_divisor(num_items_in_batch)
-        mode = "train" if self.model.training else "eval"
-        logged = self.accelerator.reduce(value.detach(), reduction="sum") if world > 1 else value.detach()
-        self._metrics[mode]["sae_penalty"].append(float(logged))
+        aux = penalty.coef * value * world / trl_internals.accumulation_divisor(self, num_items_in_batch)
+        logged = float(self.accelerator.reduce(value.detach(), reduction="sum") if world > 1 else value.detach())
+        trl_internals.log_metric(self, PENALTY_METRIC, logged)
+        trl_internals.log_metric(self, PENALTY_METRIC + "_scaled", penalty.coef * logged)
         if return_outputs:
             loss, outputs = result
             return loss + aux, outputs
@@ -270,8 +313,9 @@ class GRPOPenaltyMixin(SAEPenaltyMixin):
     def _setup_sae_penalty(self, penalty: SAEFeaturePenalty) -> None:
         penalty.check(self.model, self.train_dataset)
         self.sae_penalty = penalty
+        self._record_sae_penalty(penalty)
 
-    def _generate_and_score_completions(self, inputs: list[dict]) -> dict:
+    def _generate_and_score_completions(self, inputs: list[dict]) -> dict:  # private: see trl_internals
         output = super()._generate_and_score_completions(inputs)
         column = self.sae_penalty.language_column
         if column is not None:
@@ -280,10 +324,27 @@ class GRPOPenaltyMixin(SAEPenaltyMixin):
         return output
 
 
+def with_sae_penalty(trainer_class: type[T]) -> type[T]:
+    """``trainer_class`` (``SFTTrainer``, ``GRPOTrainer`` or a subclass) extended with the SAE penalty: construct it
+    as usual plus ``sae_penalty=SAEFeaturePenalty(...)``. The subclass way TRL documents for custom losses::
+
+        SASFTTrainer = with_sae_penalty(SFTTrainer)
+        trainer = SASFTTrainer(model, args=args, train_dataset=data, sae_penalty=penalty)
+    """
+    mixin = GRPOPenaltyMixin if issubclass(trainer_class, GRPOTrainer) else SAEPenaltyMixin
+
+    def __init__(self: Any, *args: Any, sae_penalty: SAEFeaturePenalty, **kwargs: Any) -> None:
+        trainer_class.__init__(self, *args, **kwargs)
+        self._setup_sae_penalty(sae_penalty)
+
+    return type(f"{trainer_class.__name__}WithSAEPenalty", (mixin, trainer_class),
+                {"__init__": __init__, "__module__": __name__, "__doc__": with_sae_penalty.__doc__})
+
+
 def add_sae_penalty(trainer: Any, penalty: SAEFeaturePenalty) -> Any:
-    """Add ``penalty`` to ``trainer``'s loss (an ``SFTTrainer`` or ``GRPOTrainer``, already constructed, with or
-    without ``peft_config``); returns the trainer. The instance's class becomes a same-named subclass with
-    :class:`SAEPenaltyMixin`; configuration errors are raised here, before training."""
+    """Add ``penalty`` to an already constructed ``SFTTrainer`` or ``GRPOTrainer`` (with or without
+    ``peft_config``); returns the trainer. The convenience form of :func:`with_sae_penalty`: the instance's class
+    becomes a same-named subclass with the mixin; configuration errors are raised here, before training."""
     add_mixin(trainer, GRPOPenaltyMixin if isinstance(trainer, GRPOTrainer) else SAEPenaltyMixin)
     trainer._setup_sae_penalty(penalty)
     return trainer

@@ -14,6 +14,7 @@ conversational prompts, the plain tokenizer otherwise). Completions are scored i
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
@@ -39,11 +40,11 @@ def tokenize_prompts(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
 
 
 class SAEFeatureReward:
-    """Reward = −``weight`` × (activity of ``features`` of ``sae`` on each completion), see the module docstring."""
+    """Reward = −``coef`` × (activity of ``features`` of ``sae`` on each completion), see the module docstring."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, features: Sequence[int], *,
-                 reduce: Reduction = "fraction", threshold: float = 0.0, weight: float = 1.0, batch_size: int = 16,
-                 name: str | None = None) -> None:
+                 reduce: Reduction = "fraction", threshold: float = 0.0, coef: float = 1.0, batch_size: int = 16,
+                 name: str | None = None, weight: float | None = None) -> None:
         if reduce not in REDUCTIONS:
             raise ValueError(f"unknown reduction {reduce!r}; choose one of {REDUCTIONS}")
         self.layer = check_sae_fits(model, sae)
@@ -52,10 +53,13 @@ class SAEFeatureReward:
         if not len(self.reader):
             raise ConfigError("SAEFeatureReward needs at least one feature")
         finite("threshold", threshold, non_negative=True)
-        finite("weight", weight)
+        if weight is not None:  # the previous release's name of coef
+            warnings.warn("SAEFeatureReward(weight=...) is now coef=...", FutureWarning, stacklevel=2)
+            coef = weight
+        finite("coef", coef)
         positive_int("batch_size", batch_size)
         self.features = self.reader.features.tolist()
-        self.reduce, self.threshold, self.weight, self.batch_size = reduce, threshold, weight, batch_size
+        self.reduce, self.threshold, self.coef, self.batch_size = reduce, threshold, coef, batch_size
         self.__name__ = name or f"sae_L{self.layer}_{reduce}"
 
     @torch.no_grad()
@@ -97,7 +101,7 @@ class SAEFeatureReward:
         if not completion_ids:
             return []
         activity = self.activity(tokenize_prompts(self.tokenizer, prompts), completion_ids)
-        return [-self.weight * value for value in activity]
+        return [-self.coef * value for value in activity]
 
 
 def code_switching_reward(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, features: Sequence[int],

@@ -26,11 +26,11 @@ torch.manual_seed(0)
 trainer = SFTTrainer(model=tiny_model("qwen3"), args=args, train_dataset=data, processing_class=tiny_tokenizer(),
                      peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
 sae = tiny_sae(64, 256, 8, layer=1, seed=5)
-add_sae_penalty(trainer, SAEFeaturePenalty(sae, {"zh": [3, 9], "en": [100]}, lam=2.0))
+add_sae_penalty(trainer, SAEFeaturePenalty(sae, {"zh": [3, 9], "en": [100]}, coef=2.0))
 trainer.train()
 if trainer.accelerator.is_main_process:
     lora = {n: p.detach() for n, p in trainer.model.named_parameters() if "lora" in n}
     torch.save(lora, out / "lora.pt")
-    logged = next(entry for entry in trainer.state.log_history if "sae_penalty" in entry)
-    (out / "log.json").write_text(json.dumps({"sae_penalty": logged["sae_penalty"], "loss": logged["loss"],
+    logged = next(entry for entry in trainer.state.log_history if "sae/penalty" in entry)
+    (out / "log.json").write_text(json.dumps({"sae_penalty": logged["sae/penalty"], "loss": logged["loss"],
                                               "processes": trainer.accelerator.num_processes}))

@@ -24,6 +24,7 @@ from qscope_trl import (
     SteeredNegativeRollouts,
     add_sae_penalty,
     code_switching_reward,
+    with_sae_penalty,
 )
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -40,9 +41,9 @@ def sae():
 
 def sft_trainer(tmp_path, model=None, *, callbacks=(), peft=True, lr=1e-2, steps=1, **config):
     model = model or tiny_model("qwen3")
-    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=steps, learning_rate=lr,
-                     use_cpu=True, bf16=False, report_to="none", logging_steps=1, save_strategy="no", seed=0,
-                     lr_scheduler_type="constant", **config)
+    args = SFTConfig(**{"output_dir": str(tmp_path), "per_device_train_batch_size": 4, "max_steps": steps,
+                        "learning_rate": lr, "use_cpu": True, "bf16": False, "report_to": "none", "logging_steps": 1,
+                        "save_strategy": "no", "seed": 0, "lr_scheduler_type": "constant", **config})
     peft_config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if peft else None
     return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(SFT_DATA),
                       processing_class=tiny_tokenizer(), peft_config=peft_config, callbacks=list(callbacks))
@@ -64,7 +65,7 @@ def hand_sft_acts(model, tokenizer, sae, features):
 def test_monitor_callback_logs_rates_of_the_training_forward(tmp_path, sae):
     features = [3, 9, 100]
     model = tiny_model("qwen3")
-    callback = SAEFeatureMonitorCallback(sae, features, every=1, probe_texts=["hello", "blue sky"],
+    callback = SAEFeatureMonitorCallback(sae, features, log_every=1, probe_texts=["hello", "blue sky"],
                                          tokenizer=tiny_tokenizer())
     trainer = sft_trainer(tmp_path, model, callbacks=[callback], lr=0.0)
     forwards = []
@@ -78,7 +79,7 @@ def test_monitor_callback_logs_rates_of_the_training_forward(tmp_path, sae):
     for column, feature in enumerate(features):
         assert logs[f"sae/L1/f{feature}/rate"] == pytest.approx(float((acts[:, column] > 0).float().mean()), abs=1e-6)
         assert logs[f"sae/L1/f{feature}/mean"] == pytest.approx(float(acts[:, column].mean()), rel=1e-4, abs=1e-6)
-        assert f"sae_probe/L1/f{feature}/rate" in logs
+        assert f"sae/probe/L1/f{feature}/rate" in logs
     plain = sft_trainer(tmp_path, tiny_model("qwen3"), lr=0.0)
     plain_forwards = []
     handle = decoder_layers(plain.model)[0].register_forward_hook(lambda *a: plain_forwards.append(1))
@@ -93,7 +94,7 @@ def test_monitor_callback_logs_rates_of_the_training_forward(tmp_path, sae):
 def penalty_for(sae, **options):
     options.setdefault("baselines", {LAYER: {"en": {3: 0.05, 9: -0.02, 100: 0.1},
                                              "zh": {3: 0.01, 9: 0.02, 100: 0.0}}})
-    return SAEFeaturePenalty(sae, {"zh": [3, 9], "en": [100]}, lam=0.5, **options)
+    return SAEFeaturePenalty(sae, {"zh": [3, 9], "en": [100]}, coef=0.5, **options)
 
 
 def test_sasft_loss_equals_the_hand_formula(tmp_path, sae):
@@ -133,17 +134,21 @@ def test_sft_step_with_penalty_moves_only_lora_and_differently(tmp_path, sae):
     plain_lora = dict(plain.model.named_parameters())
     assert any(not torch.allclose(p, plain_lora[n]) for n, p in lora.items())
     assert all(torch.equal(p, base_before[n]) for n, p in penalised.model.named_parameters() if "lora" not in n)
-    assert any(entry.get("sae_penalty", 0) > 0 for entry in penalised.state.log_history)
+    assert any(entry.get("sae/penalty", 0) > 0 for entry in penalised.state.log_history)
 
 
 def test_bad_penalty_configuration_fails_at_construction(tmp_path, sae):
     with pytest.raises(IndexError, match="feature index 256 is out of range"):
         SAEFeaturePenalty(sae, {"zh": [256]})
-    with pytest.raises(ValueError, match="lam must be a finite number >= 0, got -1"):
-        SAEFeaturePenalty(sae, {"zh": [3]}, lam=-1)
+    with pytest.raises(ValueError, match="coef must be a finite number >= 0, got -1"):
+        SAEFeaturePenalty(sae, {"zh": [3]}, coef=-1)
     for bad in (float("nan"), float("inf")):
-        with pytest.raises(ConfigError, match="lam must be a finite number"):
-            SAEFeaturePenalty(sae, {"zh": [3]}, lam=bad)
+        with pytest.raises(ConfigError, match="coef must be a finite number"):
+            SAEFeaturePenalty(sae, {"zh": [3]}, coef=bad)
+    with pytest.warns(FutureWarning, match=r"lam=\.\.\.\) is now coef"):
+        assert SAEFeaturePenalty(sae, {"zh": [3]}, lam=0.25).coef == 0.25
+    with pytest.raises(ConfigError, match="lam must be a finite number"):
+        SAEFeaturePenalty(sae, {"zh": [3]}, lam=float("nan"))
     with pytest.raises(ConfigError, match="no penalised features for layer 1"):
         SAEFeaturePenalty(sae, {"zh": []})
     with pytest.raises(ConfigError, match="baselines must be finite"):
@@ -275,7 +280,7 @@ def test_loss_uses_unsteered_logprobs_of_steered_tokens(tmp_path, sae):
 
 
 def test_penalty_as_grpo_auxiliary_loss(tmp_path, sae):
-    penalty = SAEFeaturePenalty(sae, {"any": [3, 9, 100]}, lam=1.0, language_column=None)
+    penalty = SAEFeaturePenalty(sae, {"any": [3, 9, 100]}, coef=1.0, language_column=None)
     reward = lambda completion_ids, **kwargs: [float(len(c)) for c in completion_ids]  # noqa: E731
     torch.manual_seed(0)
     plain = grpo_trainer(tmp_path / "a", [reward], peft=True, greedy=True)
@@ -284,7 +289,7 @@ def test_penalty_as_grpo_auxiliary_loss(tmp_path, sae):
     assert all(torch.equal(p, dict(plain.model.named_parameters())[n]) for n, p in penalised.model.named_parameters())
     plain.train()
     penalised.train()
-    assert any(entry.get("sae_penalty", 0) > 0 for entry in penalised.state.log_history)
+    assert any(entry.get("sae/penalty", 0) > 0 for entry in penalised.state.log_history)
     lora = {n: p for n, p in penalised.model.named_parameters() if "lora_B" in n}
     plain_lora = dict(plain.model.named_parameters())
     assert any(not torch.allclose(p, plain_lora[n]) for n, p in lora.items())
@@ -292,7 +297,7 @@ def test_penalty_as_grpo_auxiliary_loss(tmp_path, sae):
 
 def test_monitor_callback_in_grpo(tmp_path, sae):
     reward = lambda completion_ids, **kwargs: [float(len(c)) for c in completion_ids]  # noqa: E731
-    callback = SAEFeatureMonitorCallback(sae, [3, 9], every=1)
+    callback = SAEFeatureMonitorCallback(sae, [3, 9], log_every=1)
     trainer = grpo_trainer(tmp_path, [reward], callbacks=[callback], steps=2)
     trainer.train()
     rates = [entry["sae/L1/f3/rate"] for entry in trainer.state.log_history if "sae/L1/f3/rate" in entry]
@@ -330,14 +335,14 @@ def test_monitor_hooks_are_removed_when_training_raises(tmp_path, sae):
         def on_step_end(self, args, state, control, **kwargs):
             raise RuntimeError("boom")
 
-    attached = SAEFeatureMonitorCallback(sae, [3, 9], every=1)
+    attached = SAEFeatureMonitorCallback(sae, [3, 9], log_every=1)
     trainer = attached.attach(sft_trainer(tmp_path, callbacks=[Boom()]))
     assert trainer.callback_handler.callbacks[0] is attached
     with pytest.raises(RuntimeError, match="boom"):
         trainer.train()
     assert not leaked_hooks(trainer.model)
 
-    passed = SAEFeatureMonitorCallback(sae, [3, 9], every=1)
+    passed = SAEFeatureMonitorCallback(sae, [3, 9], log_every=1)
     trainer = sft_trainer(tmp_path, callbacks=[passed, Boom()])
     with passed, pytest.raises(RuntimeError, match="boom"):
         trainer.train()
@@ -349,8 +354,8 @@ def test_monitor_refuses_bad_configuration(sae):
         SAEFeatureMonitorCallback(sae, {3: [1]})
     with pytest.raises(ConfigError, match="no features to monitor"):
         SAEFeatureMonitorCallback(sae, [])
-    with pytest.raises(ConfigError, match="every must be a positive integer"):
-        SAEFeatureMonitorCallback(sae, [1], every=0)
+    with pytest.raises(ConfigError, match="log_every must be a positive integer"):
+        SAEFeatureMonitorCallback(sae, [1], log_every=0)
 
 
 def test_rewards_and_rollouts_refuse_bad_configuration(tmp_path, sae):
@@ -359,8 +364,8 @@ def test_rewards_and_rollouts_refuse_bad_configuration(tmp_path, sae):
         SAEFeatureReward(model, tokenizer, sae, [])
     with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
         SAEFeatureReward(model, tokenizer, sae, [3], batch_size=0)
-    with pytest.raises(ConfigError, match="weight must be a finite number"):
-        SAEFeatureReward(model, tokenizer, sae, [3], weight=float("nan"))
+    with pytest.raises(ConfigError, match="coef must be a finite number"):
+        SAEFeatureReward(model, tokenizer, sae, [3], coef=float("nan"))
     assert SAEFeatureReward(model, tokenizer, sae, [3])(prompts=[], completions=[], completion_ids=[]) == []
     spec = Steering(sae, 3, 4.0)
     with pytest.raises(ConfigError, match="count=5 steered rollouts do not fit groups of num_generations=4"):
@@ -389,3 +394,38 @@ def test_language_results_are_typed_and_plug_into_the_penalty(sae):
     assert torch.equal(from_json.terms[LAYER].alpha, typed.terms[LAYER].alpha)
     with pytest.warns(FutureWarning, match="moved to qscope_hf.languages.language_features"):
         from qscope_hf.discovery import language_features  # noqa: F401
+
+
+def test_monitor_labels_follow_the_trainers_logging_and_are_saved_with_checkpoints(tmp_path, sae):
+    monitor = SAEFeatureMonitorCallback(sae, {"french": 3, "other": 9})
+    trainer = monitor.attach(sft_trainer(tmp_path, steps=4, logging_steps=3, save_strategy="steps", save_steps=4))
+    trainer.train()
+    logged = [entry["step"] for entry in trainer.state.log_history if "sae/L1/french/rate" in entry]
+    assert logged == [3]  # the trainer logs at step 3 (logging_steps=3): no extra logging step is forced
+    entry = next(entry for entry in trainer.state.log_history if "sae/L1/french/rate" in entry)
+    assert {"sae/L1/french/mean", "sae/L1/other/rate"} <= set(entry)
+    saved = json.loads((tmp_path / "checkpoint-4" / "qscope_monitor.json").read_text())
+    assert saved["layers"] == {"1": {"french": 3, "other": 9}} and saved["saes"]["1"]["d_sae"] == 256
+
+
+def test_penalty_as_a_trainer_subclass_logs_tags_and_checkpoints(tmp_path, sae):
+    SASFTTrainer = with_sae_penalty(SFTTrainer)
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, use_cpu=True, bf16=False,
+                     report_to="none", logging_steps=1, save_strategy="steps", save_steps=2, seed=0)
+    trainer = SASFTTrainer(model=tiny_model("qwen3"), args=args, train_dataset=Dataset.from_dict(SFT_DATA),
+                           processing_class=tiny_tokenizer(), peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+                           sae_penalty=penalty_for(sae))
+    assert isinstance(trainer, SFTTrainer) and type(trainer).__name__ == "SFTTrainerWithSAEPenalty"
+    trainer.train()
+    entry = next(e for e in trainer.state.log_history if "sae/penalty" in e)
+    assert entry["sae/penalty_scaled"] == pytest.approx(0.5 * entry["sae/penalty"], rel=1e-5)
+    saved = json.loads((tmp_path / "checkpoint-2" / "qscope_sae_penalty.json").read_text())
+    assert saved == json.loads(json.dumps(trainer.sae_penalty.config()))
+    assert saved["coef"] == 0.5 and saved["layers"]["1"]["features"] == [3, 9, 100]
+    assert {"qscope", "sae-penalty"} <= set(trainer.model.model_tags or [])
+    resumed = SASFTTrainer(model=tiny_model("qwen3"), args=args, train_dataset=Dataset.from_dict(SFT_DATA),
+                           processing_class=tiny_tokenizer(), peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+                           sae_penalty=penalty_for(sae, baselines=None))
+    resumed.args.max_steps = 3
+    with pytest.warns(UserWarning, match="with a different SAE penalty than it was trained with"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))

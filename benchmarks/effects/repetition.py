@@ -68,7 +68,7 @@ def train(condition: str, prompts: list[str], sae, features, strength: float, se
     rewards = [distinct_ratio]
     rollout = None
     if condition == "SAE-penalty reward":
-        rewards.append(repetition_reward(model, tokenizer, sae, features[:8], weight=1.0))
+        rewards.append(repetition_reward(model, tokenizer, sae, features[:8], coef=1.0))
     if condition == "steered negative rollout":
         rollout = SteeredNegativeRollouts(Steering(sae, features[0], strength), count=1)
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, num_generations=4, per_device_train_batch_size=8,

@@ -85,7 +85,7 @@ def run(data: Dataset, penalty: SAEFeaturePenalty | None, seed: int, steps: int)
     if penalty is not None:
         add_sae_penalty(trainer, penalty)
     trainer.train()
-    logged = [entry["sae_penalty"] for entry in trainer.state.log_history if "sae_penalty" in entry]
+    logged = [entry["sae/penalty"] for entry in trainer.state.log_history if "sae/penalty" in entry]
     return trainer.model.eval(), tokenizer, logged
 
 
@@ -138,7 +138,7 @@ def main() -> None:
     fallback = [t for t in contrast["fr"] if has_english(t) is False] * 4
     train = conversations(train_q, french_answers(model, tokenizer, train_q, fallback))
     held = conversations(held_q, french_answers(model, tokenizer, held_q, fallback))
-    penalty = SAEFeaturePenalty(saes, {layer: {"en": feats} for layer, feats in english.items()}, lam=args.lam,
+    penalty = SAEFeaturePenalty(saes, {layer: {"en": feats} for layer, feats in english.items()}, coef=args.lam,
                                 baselines=baselines, language_column="language")
     held_prompts = chat_prompts(tokenizer, [q for q in held_q for _ in range(SAMPLES)])
 
