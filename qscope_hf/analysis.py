@@ -41,7 +41,7 @@ FOOTPRINT_MODES: tuple[FootprintMode, ...] = get_args(FootprintMode)
 
 @torch.no_grad()
 def footprints(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, data: Corpus, *, mode: FootprintMode = "all",
-               text_column: str = "text", batch_size: int = 8, max_length: int = 512,
+               text_column: str = "text", batch_size: int = 8, max_length: int = 256,
                skip_first: bool = True) -> list[Footprint]:
     """The features firing on each sample: on every real token (``mode="all"``, each text's first token skipped
     unless ``skip_first=False``) or on its last token (``mode="last"``)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -156,12 +157,16 @@ class FeatureClassifier:
         return cls.from_json(Path(path).read_text())
 
 
-def fit_feature_classifier(features: TextFeatures, labels: Sequence[Any], *, top_k: int = 10,
+def fit_feature_classifier(features: TextFeatures, labels: Sequence[Any], *, top: int = 10,
                            layers: Literal["top1-diff"] | Sequence[int] = "top1-diff", epsilon: float = 0.0,
-                           sae_sources: Mapping[int, str] | None = None) -> FeatureClassifier:
-    """Keep the ``top_k`` features with the largest Δ per chosen layer (``"top1-diff"``: the layer whose best single
+                           sae_sources: Mapping[int, str] | None = None,
+                           top_k: int | None = None) -> FeatureClassifier:
+    """Keep the ``top`` features with the largest Δ per chosen layer (``"top1-diff"``: the layer whose best single
     feature has the largest Δ)."""
-    positive_int("top_k", top_k)
+    if top_k is not None:  # the previous release's name
+        warnings.warn("fit_feature_classifier(top_k=...) is now top=...", FutureWarning, stacklevel=2)
+        top = top_k
+    positive_int("top", top)
     finite("epsilon", epsilon, non_negative=True)
     deltas = feature_deltas(features, labels)
     if layers == "top1-diff":
@@ -171,7 +176,7 @@ def fit_feature_classifier(features: TextFeatures, labels: Sequence[Any], *, top
         missing = [layer for layer in chosen if layer not in deltas]
         if missing:
             raise ValueError(f"layers {missing} are not covered by the collected SAE features ({sorted(deltas)})")
-    selected = {layer: deltas[layer].argsort(descending=True, stable=True)[:top_k].tolist() for layer in chosen}
+    selected = {layer: deltas[layer].argsort(descending=True, stable=True)[:top].tolist() for layer in chosen}
     return FeatureClassifier(selected, epsilon, {layer: deltas[layer][ids].tolist() for layer, ids in selected.items()},
                              dict(sae_sources or {}))
 

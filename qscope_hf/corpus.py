@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .errors import MissingColumnError
 from .hooks import layer_outputs
 from .validation import positive_int
 
@@ -21,7 +22,7 @@ def as_dataset(data: Corpus, text_column: str) -> datasets.Dataset:
     """Texts (a list, one string, or a ``datasets.Dataset`` with ``text_column``) as a non-empty Dataset."""
     if isinstance(data, datasets.Dataset):
         if text_column not in data.column_names:
-            raise KeyError(f"text column {text_column!r} not in the dataset (columns: {data.column_names})")
+            raise MissingColumnError(f"text column {text_column!r} not in the dataset (columns: {data.column_names})")
         return data
     texts = [data] if isinstance(data, str) else list(data)
     if not texts:

@@ -1,7 +1,8 @@
 """qscope's exceptions: one class per kind of mistake, the same everywhere in qscope_hf and qscope_trl.
 
-Each also derives from the built-in exception Python code would expect for that mistake (``ValueError``,
-``IndexError``, ``KeyError``), so ``except ValueError`` keeps working.
+Each also derives from the built-in exceptions Python code would expect for that mistake (``ValueError``,
+``IndexError``, ``KeyError``; a bad layer is both an ``IndexError`` and a ``ValueError``, a missing column both a
+``KeyError`` and a ``ValueError``), so existing ``except`` clauses keep working.
 
 - :class:`QscopeError`: the base of all of them;
 - :class:`ConfigError`: a bad argument value (a size or count ≤ 0, a non-finite number, an unknown choice);
@@ -22,15 +23,15 @@ class ConfigError(QscopeError, ValueError):
     """A bad argument or configuration value."""
 
 
-class LayerError(QscopeError, IndexError):
-    """A decoder layer out of the model's range."""
+class LayerError(QscopeError, IndexError, ValueError):
+    """A decoder layer out of the model's (or a release's) range."""
 
 
 class FeatureIndexError(QscopeError, IndexError):
     """A feature index outside ``[0, d_sae)``."""
 
 
-class MissingColumnError(QscopeError, KeyError):
+class MissingColumnError(QscopeError, KeyError, ValueError):
     """A dataset lacks a column that an argument names."""
 
     def __str__(self) -> str:  # KeyError would quote the message

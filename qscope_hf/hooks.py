@@ -21,6 +21,8 @@ from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from .errors import ConfigError, LayerError
+
 LayerEdit = Callable[[Tensor], Tensor | None]
 
 #: Where decoder layers live in architectures without ``get_decoder()``, tried in order.
@@ -83,7 +85,7 @@ def check_layer(model: nn.Module, layer: int) -> int:
     """``layer`` if the model has it, else an ``IndexError`` naming the valid range."""
     count = num_layers(model)
     if not isinstance(layer, int) or not 0 <= layer < count:
-        raise IndexError(f"layer {layer} is out of range: {type(unwrap_model(model)).__name__} has decoder layers "
+        raise LayerError(f"layer {layer} is out of range: {type(unwrap_model(model)).__name__} has decoder layers "
                          f"0..{count - 1}")
     return layer
 
@@ -96,7 +98,7 @@ def check_sae_fits(model: nn.Module, sae: nn.Module, layer: int | None = None) -
     check_layer(model, layer)
     width = hidden_size(model)
     if sae.d_model != width:
-        raise ValueError(f"SAE d_model={sae.d_model} does not match the model's hidden size {width} at layer {layer}")
+        raise ConfigError(f"SAE d_model={sae.d_model} does not match the model's hidden size {width} at layer {layer}")
     return layer
 
 

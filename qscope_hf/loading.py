@@ -9,6 +9,7 @@ import datasets
 import torch
 from torch import nn
 
+from .errors import MissingColumnError
 from .sae import SparseAutoencoder
 
 TINY = "tiny"
@@ -78,7 +79,7 @@ def load_texts(path: str | Path, text_column: str = "text") -> datasets.Dataset:
         raise ValueError(f"unsupported corpus file {path.name}: use .txt, .json, .jsonl, .csv, .parquet or a "
                          "saved dataset directory")
     if text_column not in data.column_names:
-        raise KeyError(f"{path}: no text column {text_column!r} (columns: {data.column_names})")
+        raise MissingColumnError(f"{path}: no text column {text_column!r} (columns: {data.column_names})")
     if not len(data):
         raise ValueError(f"{path}: the corpus is empty")
     return data

@@ -10,10 +10,12 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
+from .errors import LayerError, QscopeError
+
 REPO_PREFIX = "Qwen/SAE-Res-"
 
 
-class UnknownReleaseError(KeyError):
+class UnknownReleaseError(QscopeError, KeyError):
     """A release name that is not one of the published Qwen-Scope releases."""
 
     def __str__(self) -> str:  # KeyError would quote the message
@@ -47,7 +49,7 @@ class Release:
     def layer_file(self, layer: int) -> str:
         """The file of ``layer`` inside the release repo (raises on a layer the backbone does not have)."""
         if layer not in self.layers:
-            raise ValueError(f"layer {layer} is out of range for {self.repo_id}: {self.backbone} has layers "
+            raise LayerError(f"layer {layer} is out of range for {self.repo_id}: {self.backbone} has layers "
                              f"0..{self.num_layers - 1}")
         return f"layer{layer}.sae.pt"
 

@@ -16,7 +16,7 @@ from .validation import positive_int
 
 @torch.no_grad()
 def repetition_features(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, texts: Sequence[str], *,
-                        top: int = 20, max_length: int = 512) -> list[tuple[int, float]]:
+                        top: int = 20, max_length: int = 256) -> list[tuple[int, float]]:
     """Features whose activation rises most from a repeated token's first occurrence to its last (METHODS.md §8).
 
     ``texts`` should be degenerate, repetitive outputs. For every token id that occurs at least twice in a text,

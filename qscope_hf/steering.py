@@ -35,8 +35,9 @@ from enum import Enum
 from typing import Any, Literal, get_args
 
 import torch
+import transformers
 from torch import Tensor, nn
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
 
 from .classes import add_mixin, remove_mixin
 from .hooks import check_layer, check_sae_fits, hidden_size, hook_layers, unwrap_model
@@ -516,9 +517,30 @@ class SteeringGenerationMixin:
         return super()._assisted_decoding(*args, logits_processor=logits_processor, **kwargs)
 
 
+#: transformers releases whose decoding loops (``GenerationMixin._sample`` / ``_beam_search``, which contain the
+#: prefill) :class:`SteeringGenerationMixin` wraps; tested with 5.24. transformers offers no public hook that runs
+#: before the prefill (processors run after it, and ``custom_generate`` replaces the loop rather than wrapping it).
+SUPPORTED_TRANSFORMERS = (5, 6)
+
+
+def check_transformers(version: str | None = None) -> None:
+    """Raise a clear ``RuntimeError`` when the installed transformers (or ``version``) is outside
+    :data:`SUPPORTED_TRANSFORMERS` or lacks the decoding loops steering wraps."""
+    version = version or transformers.__version__
+    major = int(version.split(".")[0])
+    low, high = SUPPORTED_TRANSFORMERS
+    missing = [name for name in ("_sample", "_beam_search") if not hasattr(GenerationMixin, name)]
+    if not low <= major < high or missing:
+        raise RuntimeError(f"qscope steering wraps transformers' decoding loops (GenerationMixin._sample and "
+                           f"_beam_search) and supports transformers {low}.x (tested with 5.24); found transformers "
+                           f"{version}{f' without {missing}' if missing else ''}. Install transformers>={low},<{high}, "
+                           f"or steer plain forwards with qscope_hf.steered(...)")
+
+
 def enable_steering(model: nn.Module) -> nn.Module:
     """Give ``model`` (or the HF model inside a PEFT / DDP wrapper) ``generate(..., steering=...)``; returns
     ``model``. The instance's class becomes a same-named subclass (:mod:`qscope_hf.classes`); nothing else changes."""
+    check_transformers()
     add_mixin(unwrap_model(model), SteeringGenerationMixin)
     return model
 

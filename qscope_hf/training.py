@@ -379,12 +379,16 @@ class SAEMetrics:
 
 @torch.no_grad()
 def evaluate_saes(model: nn.Module, tokenizer: Any, saes: Sequence[SparseAutoencoder], texts: Sequence[str], *,
-                  context_length: int = 256, batch_size: int = 8) -> dict[int, SAEMetrics]:
+                  max_length: int = 256, batch_size: int = 8,
+                  context_length: int | None = None) -> dict[int, SAEMetrics]:
     """Held-out :class:`SAEMetrics` per SAE layer.
 
     Per batch: one forward reads every SAE's layer, one gives the clean loss, two per SAE the spliced and zeroed
     losses."""
-    positive_int("context_length", context_length)
+    if context_length is not None:  # the previous release's name
+        warnings.warn("evaluate_saes(context_length=...) is now max_length=...", FutureWarning, stacklevel=2)
+        max_length = context_length
+    positive_int("max_length", max_length)
     positive_int("batch_size", batch_size)
     if not saes:
         raise ConfigError("no SAEs to evaluate")
@@ -396,7 +400,7 @@ def evaluate_saes(model: nn.Module, tokenizer: Any, saes: Sequence[SparseAutoenc
     clean, tokens = 0.0, 0
     for start in range(0, len(texts), batch_size):
         inputs = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
-                           truncation=True, max_length=context_length).to(device)
+                           truncation=True, max_length=max_length).to(device)
         real = inputs["attention_mask"].bool()
         keep = real & (real.long().cumsum(1) > 1)
         labels = inputs["input_ids"].masked_fill(~real, -100)

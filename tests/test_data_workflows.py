@@ -70,7 +70,7 @@ def test_deltas_and_or_rule_equal_hand_values(qwen3, tokenizer, saes):
                 hand[feature] += (1 / 5) if label else -(1 / 5)
         torch.testing.assert_close(deltas[sae.layer], hand)
     best_layer = max((1, 2), key=lambda layer: float(deltas[layer].max()))
-    classifier = fit_feature_classifier(features, labels, top_k=3, epsilon=0.05)
+    classifier = fit_feature_classifier(features, labels, top=3, epsilon=0.05)
     assert list(classifier.features) == [best_layer]
     chosen = classifier.features[best_layer]
     assert chosen == deltas[best_layer].argsort(descending=True, stable=True)[:3].tolist()
@@ -85,7 +85,7 @@ def test_deltas_and_or_rule_equal_hand_values(qwen3, tokenizer, saes):
 def test_classifier_json_round_trip_and_explicit_layers(qwen3, tokenizer, saes, tmp_path):
     texts, labels = POSITIVE + NEGATIVE, [1] * 5 + [0] * 5
     features = collect_text_features(qwen3, tokenizer, saes, texts, progress=False)
-    classifier = fit_feature_classifier(features, labels, top_k=4, layers=[1, 2], sae_sources={1: "tiny", 2: "tiny"})
+    classifier = fit_feature_classifier(features, labels, top=4, layers=[1, 2], sae_sources={1: "tiny", 2: "tiny"})
     loaded = FeatureClassifier.load(classifier.save(tmp_path / "clf.json"))
     assert loaded == classifier and set(loaded.features) == {1, 2}
     assert torch.equal(loaded.predict(features), classifier.predict(features))
@@ -119,8 +119,8 @@ def test_baselines_on_pooled_residuals():
 def test_data_efficiency_curve(qwen3, tokenizer, saes):
     texts, labels = (POSITIVE + NEGATIVE) * 2, ([1] * 5 + [0] * 5) * 2
     features = collect_text_features(qwen3, tokenizer, saes[0], texts, progress=False)
-    curve = data_efficiency_curve(features, labels, features, labels, fractions=(0.2, 1.0), repeats=2, top_k=2)
-    full = fit_feature_classifier(features, labels, top_k=2)
+    curve = data_efficiency_curve(features, labels, features, labels, fractions=(0.2, 1.0), repeats=2, top=2)
+    full = fit_feature_classifier(features, labels, top=2)
     assert [point["fraction"] for point in curve] == [0.2, 1.0]
     assert curve[-1]["f1"] == pytest.approx(f1_score(full.predict(features), labels))
 

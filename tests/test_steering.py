@@ -333,3 +333,17 @@ def test_plain_forward_positions_under_left_and_right_padding_equal_each_row_alo
         for row, expected in enumerate(alone):
             real = inputs.attention_mask[row].bool()
             torch.testing.assert_close(logits[row][real], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_supported_transformers_versions():
+    """Steering wraps transformers' decoding loops: 5.x is supported (5.24 tested), anything else fails clearly."""
+    import transformers
+
+    from qscope_hf.steering import check_transformers
+
+    check_transformers()  # the installed release
+    assert transformers.__version__.startswith("5.")
+    check_transformers("5.0.0")
+    for version in ("4.57.1", "6.0.0"):
+        with pytest.raises(RuntimeError, match=f"supports transformers 5.x .*found transformers {version}"):
+            check_transformers(version)

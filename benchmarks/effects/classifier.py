@@ -64,7 +64,7 @@ def main() -> None:
     features = collect_text_features(model, tokenizer, saes, texts, progress=False)
     fit, test = features.subset(range(half)), features.subset(range(half, len(texts)))
     fit_labels, test_labels = labels[:half], labels[half:]
-    sae_rule = fit_feature_classifier(fit, fit_labels, top_k=args.top_k)
+    sae_rule = fit_feature_classifier(fit, fit_labels, top=args.top_k)
     layer = next(iter(sae_rule.features))
     scores = {f"SAE OR rule (K={args.top_k}, layer {layer})": f1_score(sae_rule.predict(test), test_labels),
               f"difference of means (layer {layer})": f1_score(fit_diff_means(fit, fit_labels, layer).predict(test),
@@ -72,8 +72,8 @@ def main() -> None:
               f"logistic probe (layer {layer})": f1_score(fit_logistic_probe(fit, fit_labels, layer).predict(test),
                                                           test_labels)}
     curve = data_efficiency_curve(fit, fit_labels, test, test_labels, fractions=(0.1, 0.25, 0.5, 1.0), repeats=3,
-                                  top_k=args.top_k)
-    by_k = {k: f1_score(fit_feature_classifier(fit, fit_labels, top_k=k).predict(test), test_labels)
+                                  top=args.top_k)
+    by_k = {k: f1_score(fit_feature_classifier(fit, fit_labels, top=k).predict(test), test_labels)
             for k in (1, 2, 3, 5, 10, 20)}
     for name, value in scores.items():
         print(f"{name}: F1 {value:.3f}", flush=True)
