@@ -1,4 +1,4 @@
-"""The ``qscope`` command line: ``demo``, ``discover``, ``steer``, ``inspect``.
+"""The ``qscope`` command line: ``demo``, ``discover``, ``steer``, ``export``, ``inspect``, ``analyze``, ``train-sae``.
 
 Every command takes ``--model`` (``tiny``, a hub id or a local directory) and ``--sae`` (``tiny``, a Qwen-Scope
 release, or any :meth:`SparseAutoencoder.from_pretrained` source) with ``--layer``; corpora are text files (one
@@ -104,6 +104,23 @@ def _steer(args: argparse.Namespace) -> None:
     for name, extra in [("unsteered", {}), ("steered", {"logits_processor": [SAELogitsProcessor(model, spec)]})]:
         out = model.generate(**inputs, **options, **extra)
         print(f"--- {name}\n{tokenizer.decode(out[0, prompt_length:], skip_special_tokens=True)}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .export import bake_steering, export_control_vector
+    from .steering import Steering
+
+    model, tokenizer, sae = _model_and_sae(args)
+    spec = Steering(sae, args.feature, args.strength)
+    if args.out:
+        print(f"wrote {export_control_vector(spec, args.out, model=model, overwrite=args.overwrite)}")
+    if args.bake:
+        baked = bake_steering(model, spec)
+        baked.save_pretrained(args.bake)
+        tokenizer.save_pretrained(args.bake)
+        print(f"wrote a steered checkpoint to {args.bake} (loads with AutoModelForCausalLM.from_pretrained)")
+    if not (args.out or args.bake):
+        raise ValueError("pass --out FILE.gguf (llama.cpp control vector) and/or --bake DIR (steered checkpoint)")
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -244,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--mode", choices=MODES, default="add")
     steer.add_argument("--max-new-tokens", type=_positive, default=40)
     steer.set_defaults(run=_steer)
+
+    export = commands.add_parser("export", help="steering as a llama.cpp control vector or a steered checkpoint")
+    _common(export)
+    export.add_argument("--feature", type=int, nargs="+", required=True)
+    export.add_argument("--strength", type=float, nargs="+", required=True, help="one per feature (baked in)")
+    export.add_argument("--out", default=None, help="control-vector GGUF for llama.cpp --control-vector-scaled")
+    export.add_argument("--overwrite", action="store_true")
+    export.add_argument("--bake", default=None, help="directory for a checkpoint with the steering in its weights")
+    export.set_defaults(run=_export)
 
     inspect = commands.add_parser("inspect", help="HTML report: per-token heatmaps and top contexts")
     _common(inspect)
