@@ -1,10 +1,11 @@
 """``qscope demo``: what an SAE sees in a prompt, and steering generation with a feature found by contrast.
 
 By default on SmolLM2-135M-Instruct with the SAEs qscope trained and ships (offline): the prompt's strongest
-features with their top contexts from a small English + French corpus, the features that tell French from
-English, and a greedy generation without and with the top French feature steered in. ``--model``/``--sae``/
-``--layer`` run the same on any model and SAE source (a Qwen-Scope release uses the hub when reachable);
-``--model tiny`` runs the offline tiny model with a random SAE (what the tests use).
+features with their top contexts from a small English + French corpus; French features chosen by contrast and
+re-ranked by output score, with their logit-lens tokens; and greedy generations unsteered, with an instruction, and
+with the instruction plus a gentle steer (the workflow that did best in benchmarks/RESULTS.md §5).
+``--model``/``--sae``/``--layer`` run the same on any model and SAE source (a Qwen-Scope release uses the hub
+when reachable); ``--model tiny`` runs the offline tiny model with a random SAE (what the tests use).
 """
 
 from __future__ import annotations
@@ -14,16 +15,20 @@ from collections.abc import Callable
 
 import torch
 
+from .calibration import calibrate_strength
 from .corpus import chat_token_ids
-from .discovery import activation_stats, contrast_features, residual_norm
+from .discovery import activation_stats, contrast_features
 from .hooks import check_sae_fits, layer_outputs
+from .output_scores import logit_lens, output_scores, rank_features
 from .sae import SparseAutoencoder, fraction_of_variance_unexplained
 from .steering import SAELogitsProcessor, Steering
 from .tiny import tiny_model, tiny_sae, tiny_tokenizer
 
-CONTRAST_TEXTS = 24
-#: Steering strength as a fraction of the residual stream's median norm at the SAE's layer.
-STRENGTH_OF_NORM = 0.6
+#: Contrast candidates re-ranked by output score.
+CANDIDATES = 40
+INSTRUCTION = " Answer in French."
+#: The steering strength of the demo, in units of each prompt's residual norm: the study's best with the prompt.
+GENTLE_STRENGTH = 0.1
 
 
 def describe_prompt(model, tokenizer, sae: SparseAutoencoder, prompt: str, *, top: int = 3,
@@ -56,10 +61,12 @@ def tiny_demo(prompt: str = "Sparse autoencoders find features.", *, layer: int 
 
 def contrast_demo(model, tokenizer, sae: SparseAutoencoder, prompt: str, contrast: dict[str, list[str]], *,
                   max_new_tokens: int = 40, echo: Callable[[str], None] = print) -> dict:
-    """Features of ``prompt`` with top contexts, features telling ``contrast["fr"]`` from ``contrast["en"]``, and
-    generation without / with the top French feature. Returns what it showed."""
+    """Features of ``prompt`` with top contexts; French features chosen by contrast (``contrast["fr"]`` vs
+    ``contrast["en"]``) and re-ranked by their output score, with their logit-lens tokens; and generation
+    unsteered, with the instruction "Answer in French." alone, and with the instruction plus a gentle steer by
+    the chosen feature — the workflow of benchmarks/RESULTS.md §5. Returns what it showed."""
     layer = check_sae_fits(model, sae)
-    french, english = contrast["fr"][:CONTRAST_TEXTS], contrast["en"][:CONTRAST_TEXTS]
+    french, english = contrast["fr"], contrast["en"]
     stats_fr = activation_stats(model, tokenizer, sae, french, progress=False)[layer]
     stats_en = activation_stats(model, tokenizer, sae, english, progress=False)[layer]
     both = activation_stats(model, tokenizer, sae, french + english, progress=False, n_contexts=2)[layer]
@@ -72,26 +79,34 @@ def contrast_demo(model, tokenizer, sae: SparseAutoencoder, prompt: str, contras
         contexts = " | ".join(f"{c.left[-24:]}[{c.token}]{c.right[:16]}" for c in both.top_contexts(feature, window=6))
         echo(f"  #{feature:<5d} {value:6.2f}  {contexts!r}")
 
-    rows = [r for r in contrast_features(stats_fr, stats_en, top=10) if r.rate_diff > 0]
-    echo("\nfeatures firing more on French than on English text (rate FR / EN):")
-    for r in rows[:5]:
-        echo(f"  #{r.feature:<5d} {r.rate_a:.2f} / {r.rate_b:.2f}")
-    best = rows[0]
-    norm = residual_norm(model, tokenizer, layer, french + english)
-    strength = STRENGTH_OF_NORM * norm
-    spec = Steering(sae, best.feature, strength, positions="generated")
-    ids = torch.tensor([chat_token_ids(tokenizer, prompt)])
-    chat = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    rows = contrast_features(stats_fr, stats_en, top=CANDIDATES)
+    scores = output_scores(model, tokenizer, sae, [r.feature for r in rows], target=french, progress=False)
+    ranked = rank_features(rows, scores, by="both", top=5) or rank_features(rows, scores, by="input", top=5)
+    lens = logit_lens(model, sae, [r.feature for r in ranked], top=6).tokens(tokenizer)
+    echo("\nFrench features: firing more on French than English text (input), and raising French tokens when "
+         "amplified (output score), with the tokens their decoder direction promotes (logit lens):")
+    for r, tokens in zip(ranked, lens):
+        echo(f"  #{r.feature:<5d} rate FR-EN {r.input_score:+.2f}  output {r.output_score:+.3f}  {' '.join(tokens)!r}")
+    chosen = ranked[0].feature
+    budget = calibrate_strength(model, tokenizer, Steering(sae, chosen, 1.0, relative=True))
+    spec = Steering(sae, chosen, GENTLE_STRENGTH, relative=True)
     options = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    plain = model.generate(**chat, **options)
-    steered = model.generate(**chat, **options, logits_processor=[SAELogitsProcessor(model, spec)])
-    start = chat["input_ids"].shape[1]
-    texts = {name: tokenizer.decode(out[0, start:], skip_special_tokens=True) for name, out in
-             (("unsteered", plain), ("steered", steered))}
+    texts = {}
+    for name, question, extra in (("unsteered", prompt, {}), ("instruction", prompt + INSTRUCTION, {}),
+                                  ("instruction + steering", prompt + INSTRUCTION,
+                                   {"logits_processor": [SAELogitsProcessor(model, spec)]})):
+        ids = torch.tensor([chat_token_ids(tokenizer, question)])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options, **extra)
+        texts[name] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     echo(f"\ngeneration, unsteered:\n  {texts['unsteered']!r}")
-    echo(f"steered with feature #{best.feature} on the generated tokens at strength {strength:.0f} "
-         f"({STRENGTH_OF_NORM} x the residual stream's median norm {norm:.0f}):\n  {texts['steered']!r}")
-    return {"feature": best.feature, "strength": strength, **texts}
+    echo(f"with the instruction {INSTRUCTION.strip()!r}:\n  {texts['instruction']!r}")
+    echo(f"with the instruction and feature #{chosen} added at {GENTLE_STRENGTH} x each prompt's residual norm "
+         f"(the loss budget of +{budget.max_ce_increase} nats on neutral text allows up to {budget.strength:.2f}):"
+         f"\n  {texts['instruction + steering']!r}")
+    echo("on 30 held-out questions (benchmarks/RESULTS.md §5) no SAE feature steers SmolLM2 into French on its "
+         "own, and adding one to the instruction does not beat the instruction alone; for a topic (the sea) a gentle "
+         "SAE-TS targeted vector plus the instruction does best.")
+    return {"feature": chosen, "strength": GENTLE_STRENGTH, "calibrated": budget.strength, **texts}
 
 
 def run_demo(model_name: str = "smollm2", sae_source: str | None = None, layer: int | None = None,
@@ -110,5 +125,5 @@ def run_demo(model_name: str = "smollm2", sae_source: str | None = None, layer: 
     if layer is None:
         raise ValueError("pass --layer with --sae")
     sae = load_sae(sae_source, layer, model=model)
-    contrast = json.loads((ASSETS / "contrast.json").read_text())
+    contrast = json.loads((ASSETS / "steering_texts.json").read_text())
     return contrast_demo(model, tokenizer, sae, prompt or "Tell me about your morning.", contrast, echo=echo)

@@ -62,8 +62,9 @@ def test_demo_runs_on_smollm2(smollm2, monkeypatch):
     lines = []
     result = demo.run_demo(echo=lines.append)
     text = "\n".join(lines)
-    assert "features firing more on French than on English text" in text
-    assert result["steered"] != result["unsteered"]
+    assert "French features: firing more on French than English text" in text
+    assert result["instruction + steering"] != result["instruction"] != result["unsteered"]
+    assert 0 < result["strength"] < result["calibrated"]  # the demo's gentle strength is within the loss budget
 
 
 def test_loaded_model_is_plain_and_trainable(smollm2):
