@@ -38,7 +38,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 
 from qscope_hf.classes import add_mixin
-from qscope_hf.errors import ConfigError
+from qscope_hf.errors import ConfigError, MissingColumnError
 from qscope_hf.hooks import check_sae_fits, hook_layers
 from qscope_hf.languages import LanguageBaselines
 from qscope_hf.sae import FeatureReader, SparseAutoencoder
@@ -183,8 +183,8 @@ class SAEFeaturePenalty:
             return
         columns = getattr(dataset, "column_names", None)
         if columns is not None and self.language_column not in columns:
-            raise ValueError(f"the training dataset has no language column {self.language_column!r} "
-                             f"(columns: {columns})")
+            raise MissingColumnError(f"the training dataset has no language column {self.language_column!r} "
+                                     f"(columns: {columns})")
         if columns is not None:
             self.language_ids(sorted(set(dataset[self.language_column])))
 
