@@ -10,7 +10,9 @@ Log-probabilities: the rollout returns none (``logprobs=None``), so the loss use
 only inside the ``generate`` call. A boolean ``steered`` column reaches the reward functions as a keyword argument.
 
 ``GRPOTrainer`` passes the rollout function each process's prompts with every prompt repeated ``num_generations``
-times in a row (checked here); it runs on the transformers generation path, not on vLLM.
+times in a row (checked here); it runs on the transformers generation path. With ``use_vllm=True`` it refuses with
+a clear error: vLLM's engine does not run qscope's hooks, and TRL's importance-sampling correction for vLLM rollouts
+needs sampling log-probabilities that a transformers rollout does not provide.
 """
 
 from __future__ import annotations
@@ -51,12 +53,25 @@ class SteeredNegativeRollouts:
 
     def attach(self, trainer: Any) -> Any:
         """Use this as ``trainer``'s rollout function, after checking that ``count`` fits its groups (training and
-        evaluation); returns ``trainer``. Equivalent to ``GRPOTrainer(..., rollout_func=self)`` plus that check."""
+        evaluation) and that the trainer generates with transformers; returns ``trainer``. Equivalent to
+        ``GRPOTrainer(..., rollout_func=self)`` plus those checks."""
+        self._check_backend(trainer)
         for group in {trainer.num_generations, getattr(trainer, "num_generations_eval", None)} - {None}:
             if self.count > group:
                 raise ConfigError(f"count={self.count} steered rollouts do not fit groups of {group} generations")
         trainer.rollout_func = self
         return trainer
+
+    @staticmethod
+    def _check_backend(trainer: Any) -> None:
+        if getattr(trainer, "use_vllm", False):
+            raise ConfigError(
+                "SteeredNegativeRollouts steers transformers' generate on the trainer's own model (that is where "
+                "qscope's hooks run); with use_vllm=True TRL expects rollouts from vLLM, whose engine these hooks do "
+                "not reach, and their sampling log-probabilities for its importance-sampling correction. Use "
+                "use_vllm=False (server and colocate vLLM modes are not supported). Steering inside vLLM needs a "
+                "steering-capable engine such as the EasySteer fork, which reads the control-vector files that "
+                "qscope_hf.export.export_control_vector writes (add mode, every position, one spec for all rows)")
 
     def steered_rows(self, n_rows: int, group: int) -> list[bool]:
         """Which rows of a batch of ``n_rows`` (groups of ``group`` consecutive rows) are steered."""
@@ -69,6 +84,7 @@ class SteeredNegativeRollouts:
         return flags
 
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, Any]:
+        self._check_backend(trainer)
         group = trainer.num_generations if trainer.model.training else trainer.num_generations_eval
         if len(prompts) % group:
             raise ValueError(f"{len(prompts)} prompts do not split into groups of {group}")

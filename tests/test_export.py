@@ -151,26 +151,52 @@ def smollm2():
     return model, tokenizer, load_saes([15])[0], model_dir()
 
 
-def llama_cpp_logits(model_path, prompt_ids, vector_path=None, n_layers=30):
-    """First-step logits of llama.cpp (greedy, no sampling) after ``prompt_ids``, with the control vector applied
-    through llama-cpp-python's own control-vector call."""
+def llama_cpp(model_path, vector_path=None, n_layers=30):
+    """A llama.cpp context (llama-cpp-python) with the control vector at ``vector_path`` applied through
+    llama-cpp-python's own control-vector call (a flat ``[n_layers · n_embd]`` buffer from block 1)."""
     import ctypes
 
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=256, logits_all=False, verbose=False, seed=0,
+    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=256, logits_all=True, verbose=False, seed=0,
                           use_extra_bufts=False)
     if vector_path is not None:
-        specs = import_control_vector(vector_path)
         width = llm.n_embd()
         flat = np.zeros(n_layers * width, dtype=np.float32)
-        for spec in specs:
+        for spec in import_control_vector(vector_path):
             flat[width * (spec.layer - 1):width * spec.layer] = spec.vector.numpy()
         pointer = flat.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         assert llama_cpp.llama_set_adapter_cvec(llm.ctx, pointer, len(flat), width, 1, n_layers) == 0
     llm.reset()
+    return llm
+
+
+def llama_cpp_logits(model_path, prompt_ids, vector_path=None):
+    """First-step logits of llama.cpp after ``prompt_ids``."""
+    llm = llama_cpp(model_path, vector_path)
     llm.eval(prompt_ids)
     return torch.from_numpy(np.array(llm.scores[len(prompt_ids) - 1], dtype=np.float32))
+
+
+def llama_cpp_greedy(model_path, prompt_ids, vector_path, new_tokens):
+    """``new_tokens`` greedy tokens of llama.cpp after ``prompt_ids``."""
+    llm = llama_cpp(model_path, vector_path)
+    tokens = []
+    for token in llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):
+        tokens.append(token)
+        if len(tokens) == new_tokens:
+            break
+    return tokens
+
+
+def french(text):
+    """Mostly French: more French than English stop words (the heuristic of the effect studies)."""
+    words = text.lower().replace("'", " ").split()
+    fr = {"le", "la", "les", "de", "des", "du", "un", "une", "et", "est", "en", "dans", "pour", "que", "qui", "sur",
+          "avec", "au", "ce", "il", "elle", "nous", "vous", "je", "l", "d"}
+    en = {"the", "a", "an", "and", "is", "are", "of", "to", "in", "for", "that", "on", "with", "it", "you", "i", "this",
+          "be", "as"}
+    return sum(w in fr for w in words) > sum(w in en for w in words)
 
 
 @pytest.mark.slow
@@ -203,3 +229,32 @@ def test_llama_cpp_applies_the_exported_vector_like_transformers(tmp_path, smoll
     corr_off_by_one = torch.corrcoef(torch.stack([cpp_steered, hf_next_layer]))[0, 1]
     assert corr > corr_off_by_one  # direction.15 is HF layers[15], not layers[16]
     torch.testing.assert_close(cpp_zero, cpp_plain, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_llama_cpp_steers_into_french_where_transformers_does(tmp_path, smollm2):
+    """The best French steering of the study (difference of means of French and English paragraphs, 0.2 × the
+    residual norm, no instruction), exported: greedy llama.cpp is French where hooked transformers is."""
+    import json
+
+    from qscope_hf import diff_means_vector
+    from qscope_hf.discovery import residual_norm
+    from qscope_hf.smollm2 import ASSETS, GGUF_FILE
+
+    model, tokenizer, sae, directory = smollm2
+    texts = json.loads((ASSETS / "steering_texts.json").read_text())
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about trains."}], tokenize=True,
+                                           add_generation_prompt=True, return_dict=True)["input_ids"]
+    norm = residual_norm(model, tokenizer, 15, [tokenizer.decode(prompt)])
+    spec = Steering.from_vector(diff_means_vector(model, tokenizer, texts["fr"], texts["en"], 15), 15, 0.2 * norm)
+    path = export_control_vector(spec, tmp_path / "french.gguf", model=model)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        plain = model.generate(input_ids=ids, max_new_tokens=24, do_sample=False)[0, len(prompt):]
+        with steered(model, spec):
+            hooked = model.generate(input_ids=ids, max_new_tokens=24, do_sample=False)[0, len(prompt):]
+    hf_text, plain_text = tokenizer.decode(hooked), tokenizer.decode(plain)
+    cpp_text = tokenizer.decode(llama_cpp_greedy(directory / GGUF_FILE, prompt, path, 24))
+    assert not french(plain_text) and french(hf_text), (plain_text, hf_text)
+    assert french(cpp_text), (hf_text, cpp_text)

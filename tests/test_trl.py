@@ -429,3 +429,100 @@ def test_penalty_as_a_trainer_subclass_logs_tags_and_checkpoints(tmp_path, sae):
     resumed.args.max_steps = 3
     with pytest.warns(UserWarning, match="with a different SAE penalty than it was trained with"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def test_steered_rollouts_refuse_vllm_generation(tmp_path, sae):
+    """With use_vllm=True the rollouts would come from vLLM, which qscope's hooks do not reach: refuse clearly."""
+    trainer = grpo_trainer(tmp_path, [lambda completion_ids, **kwargs: [0.0] * len(completion_ids)])
+    trainer.use_vllm = True  # what GRPOTrainer(args=GRPOConfig(use_vllm=True)) sets (vLLM itself is not installed)
+    rollouts = SteeredNegativeRollouts(Steering(sae, 9, 8.0))
+    with pytest.raises(ConfigError, match="use_vllm=True .* Use use_vllm=False"):
+        rollouts.attach(trainer)
+    with pytest.raises(ConfigError, match="EasySteer"):
+        rollouts(["Hello"] * 4, trainer)
+
+
+def test_rewards_and_penalty_score_externally_generated_rollouts_without_steering(tmp_path, sae):
+    """The way TRL's vLLM path works: completions (and sampling log-probabilities) come from outside the trainer's
+    model. The SAE reward and the GRPO penalty then score them with the trainer's own forward, and no steering hook
+    is on the model during that forward."""
+    tokenizer = tiny_tokenizer()
+    fixed = [tokenizer("blue sky", add_special_tokens=False)["input_ids"], tokenizer("hi", add_special_tokens=False)
+             ["input_ids"]]
+
+    def external_rollouts(prompts, trainer):
+        prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+        completion_ids = [fixed[i % 2] for i in range(len(prompts))]
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids,
+                "logprobs": [[-1.0] * len(c) for c in completion_ids]}
+
+    model = tiny_model("qwen3")
+    reward = SAEFeatureReward(model, tokenizer, sae, [3, 9, 100], reduce="max", name="sae_max")
+    hooks_seen = []
+    scored = []
+
+    def watching_reward(prompts, completions, completion_ids, **kwargs):
+        hooks_seen.append(leaked_hooks(model))
+        values = reward(prompts=prompts, completions=completions, completion_ids=completion_ids)
+        scored.append((list(prompts), [list(c) for c in completion_ids], values))
+        return values
+
+    trainer = grpo_trainer(tmp_path, [watching_reward], model=model, lr=0.0, rollout_func=external_rollouts)
+    add_sae_penalty(trainer, SAEFeaturePenalty(sae, {"any": [3, 9, 100]}, coef=1.0, language_column=None))
+    trainer.train()
+    assert hooks_seen and not any(hooks_seen)
+    prompts, completions, values = scored[0]
+    for prompt, completion, value in zip(prompts, completions, values):
+        assert value == pytest.approx(hand_reward(model, tokenizer, sae, [3, 9, 100], prompt, completion, "max"),
+                                      rel=1e-4, abs=1e-6)
+    assert any(entry.get("sae/penalty", 0) > 0 for entry in trainer.state.log_history)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_penalty_is_the_same_under_gradient_checkpointing(tmp_path, sae, reentrant):
+    """The checkpointed forward re-runs in backward; the penalty must be computed once, and equal the plain run."""
+    runs = {}
+    for name, options in (("plain", {"gradient_checkpointing": False}),
+                          ("checkpointed", {"gradient_checkpointing": True,
+                                            "gradient_checkpointing_kwargs": {"use_reentrant": reentrant}})):
+        torch.manual_seed(0)
+        trainer = add_sae_penalty(sft_trainer(tmp_path / name, lr=1e-2, steps=2, **options), penalty_for(sae))
+        trainer.train()
+        penalties = [entry["sae/penalty"] for entry in trainer.state.log_history if "sae/penalty" in entry]
+        lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora" in n}
+        runs[name] = (penalties, lora)
+    assert runs["checkpointed"][0] == pytest.approx(runs["plain"][0], rel=1e-5)
+    for name, weight in runs["plain"][1].items():
+        torch.testing.assert_close(runs["checkpointed"][1][name], weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["lora", "full"])
+def test_fsdp2_two_processes_match_one_process(tmp_path, variant):
+    """FSDP2 (fully_shard per layer and at the root, 2 CPU processes, gloo) against one unsharded process on the
+    same global batch: the penalty's value and gradients, the monitor's counts and the reward's scores agree, the
+    hook sees each rank's full [batch, seq, hidden], and the SAE stays outside the sharded model."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).with_name("dist_fsdp.py"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    single, double = tmp_path / "one", tmp_path / "two"
+    for cmd in ([sys.executable, script, str(single), variant],
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script,
+                 str(double), variant]):
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (json.loads((d / "result.json").read_text()) for d in (single, double))
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert one["hidden_shape"] == [4, 20, 64] and two["hidden_shape"] == [2, 20, 64]
+    assert two["sae_is_plain"] and not two["sae_in_model"]
+    assert two["penalty"] == pytest.approx(one["penalty"], rel=1e-5)
+    assert set(two["grads"]) == set(one["grads"]) and one["grads"]
+    for name, grad in one["grads"].items():
+        torch.testing.assert_close(torch.tensor(two["grads"][name]), torch.tensor(grad), rtol=1e-4, atol=1e-6)
+    assert two["rewards"] == pytest.approx(one["rewards"], rel=1e-5)
+    assert two["monitor"].keys() == one["monitor"].keys()
+    for key, value in one["monitor"].items():
+        assert two["monitor"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
