@@ -29,12 +29,19 @@ def run_quick(script: str, results: Path, *options: str) -> dict:
 
 def test_steering_towards_french(tmp_path):
     record = run_quick("steering", tmp_path)
-    conditions, sweep = record["conditions"], record["sweep"]
-    assert conditions["zero strength"]["success"] == conditions["no steering"]["success"]
-    assert conditions["zero strength"]["perplexity"] == pytest.approx(conditions["no steering"]["perplexity"])
-    assert sweep["SAE add"][0]["fraction_of_norm"] == 0.0
-    assert max(p["success"] for p in sweep["SAE add"]) > conditions["no steering"]["success"]
-    assert conditions["prompt only (Answer in French.)"]["success"] > conditions["no steering"]["success"]
+    french = record["concepts"]["French"]
+    conditions = french["conditions"]
+    methods = ["SAE feature by contrast", "SAE feature by output score", "SAE-TS targeted vector",
+               "difference of means", "random feature"]
+    for method in methods:
+        for setting in ("", " + prompt"):
+            for kind in ("calibrated", "dev-best"):
+                assert f"{method}{setting}, {kind}" in conditions
+        assert 0 < french["calibrated"][method] < 5  # a strength in units of the residual norm, within budget
+    assert conditions["prompt only"]["concept"] > conditions["unsteered"]["concept"]
+    assert conditions["difference of means, dev-best"]["concept"] > conditions["unsteered"]["concept"]
+    assert 0.0 <= conditions["SAE-TS targeted vector + prompt, dev-best"]["headline"] <= 1.0
+    assert record["timing"]["effect_approximator_s"] > 0
     assert (tmp_path / "effects_steering_sweep_quick.png").stat().st_size > 0
 
 

@@ -114,3 +114,15 @@ def test_corpus_errors(corpora, capsys):
     assert "no text column 'text'" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no corpus at"):  # --debug: the exception itself
         main(["--debug", "inspect", "--texts", str(corpora / "missing.txt")])
+
+
+def test_export_writes_a_control_vector_and_refuses_an_architecture_without_mlp_bias(tmp_path, capsys):
+    from qscope_hf.export import import_control_vector
+
+    main(["export", "--feature", "3", "5", "--strength", "2", "-1", "--out", str(tmp_path / "v.gguf")])
+    assert "wrote" in capsys.readouterr().out
+    [spec] = import_control_vector(tmp_path / "v.gguf")
+    assert spec.layer == 1 and spec.vector.shape == (64,)
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--feature", "3", "--strength", "2", "--bake", str(tmp_path / "baked")])
+    assert exit_.value.code == 1 and "no MLP bias" in capsys.readouterr().err

@@ -151,6 +151,8 @@ def test_bad_penalty_configuration_fails_at_construction(tmp_path, sae):
         SAEFeaturePenalty(sae, {"zh": [3]}, lam=float("nan"))
     with pytest.raises(ConfigError, match="no penalised features for layer 1"):
         SAEFeaturePenalty(sae, {"zh": []})
+    with pytest.raises(ConfigError, match="a sample has no language"):
+        penalty_for(sae).language_ids(["en", None])
     with pytest.raises(ConfigError, match="baselines must be finite"):
         penalty_for(sae, baselines={LAYER: {"en": {3: float("nan"), 9: 0.0, 100: 0.0},
                                             "zh": {3: 0.0, 9: 0.0, 100: 0.0}}})
