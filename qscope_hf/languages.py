@@ -28,13 +28,12 @@ from .sae import SparseAutoencoder
 from .validation import positive_int
 
 
-@dataclass(frozen=True)
-class LanguageFeatures(Mapping[int, Mapping[str, list[int]]]):
-    """``by_layer[layer][language]``: the language's feature ids at that layer, most monolingual first."""
+class _ByLayer(Mapping[int, Any]):
+    """A read-only mapping layer -> per-layer values, over the ``by_layer`` dict of a dataclass."""
 
-    by_layer: dict[int, dict[str, list[int]]]
+    by_layer: dict[int, Any]
 
-    def __getitem__(self, layer: int) -> Mapping[str, list[int]]:
+    def __getitem__(self, layer: int) -> Any:
         return self.by_layer[layer]
 
     def __iter__(self) -> Iterator[int]:
@@ -42,6 +41,13 @@ class LanguageFeatures(Mapping[int, Mapping[str, list[int]]]):
 
     def __len__(self) -> int:
         return len(self.by_layer)
+
+
+@dataclass(frozen=True)
+class LanguageFeatures(_ByLayer):
+    """``by_layer[layer][language]``: the language's feature ids at that layer, most monolingual first."""
+
+    by_layer: dict[int, dict[str, list[int]]]
 
     @property
     def languages(self) -> list[str]:
@@ -62,7 +68,7 @@ class LanguageFeatures(Mapping[int, Mapping[str, list[int]]]):
 
 
 @dataclass(frozen=True)
-class LanguageBaselines(Mapping[int, Mapping[str, Mapping[int, float]]]):
+class LanguageBaselines(_ByLayer):
     """``by_layer[layer][language][feature]``: α, the mean pre-activation of the feature on the language's text."""
 
     by_layer: dict[int, dict[str, dict[int, float]]]
@@ -72,15 +78,6 @@ class LanguageBaselines(Mapping[int, Mapping[str, Mapping[int, float]]]):
                                  for lang, per_lang in per_layer.items()}
                     for layer, per_layer in self.by_layer.items()}
         object.__setattr__(self, "by_layer", by_layer)
-
-    def __getitem__(self, layer: int) -> Mapping[str, Mapping[int, float]]:
-        return self.by_layer[layer]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.by_layer)
-
-    def __len__(self) -> int:
-        return len(self.by_layer)
 
     @classmethod
     def coerce(cls, baselines: Mapping[Any, Any]) -> LanguageBaselines:

@@ -27,6 +27,30 @@ def inputs(d_model, dtype, seed=0):
     return torch.randn(12, d_model, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
+def saelens_codec(sae):
+    """``(encode → dense codes, reconstruct)`` of a SAELens SAE."""
+    return sae.encode, lambda x: sae.decode(sae.encode(x))
+
+
+def sparsify_codec(coder):
+    """``(encode → dense codes, reconstruct)`` of a sparsify sparse coder."""
+    def encode(x):
+        out = coder.encode(x)
+        return dense(out.top_acts, out.top_indices, coder.num_latents)
+
+    return encode, lambda x: coder.decode(*coder.encode(x)[:2])
+
+
+def assert_same_outputs(ours, codec, dtype):
+    """Our SAE and another library's agree on codes (and, in fp32, on reconstructions) of random inputs."""
+    encode, reconstruct = codec
+    x = inputs(ours.d_model, dtype)
+    with torch.no_grad():
+        assert_codes_agree(ours.encode(x), encode(x), dtype)
+        if dtype == torch.float32:
+            torch.testing.assert_close(ours(x), reconstruct(x), **tolerance(dtype))
+
+
 def assert_codes_agree(ours, theirs, dtype):
     """Dense codes equal where both fire; in bf16 at most one near-tied feature per row may differ."""
     if dtype == torch.float32:
@@ -51,11 +75,7 @@ def test_saelens_topk_sae_loads_in_qscope(tmp_path, dtype, apply_b_dec):
     theirs.save_model(tmp_path)
     ours = SparseAutoencoder.from_pretrained(tmp_path)
     assert (ours.layer, ours.k, ours.d_sae, ours.dtype) == (3, 6, 128, dtype)
-    x = inputs(32, dtype)
-    with torch.no_grad():
-        assert_codes_agree(ours.encode(x), theirs.encode(x), dtype)
-        if dtype == torch.float32:
-            torch.testing.assert_close(ours(x), theirs.decode(theirs.encode(x)), **tolerance(dtype))
+    assert_same_outputs(ours, saelens_codec(theirs), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -64,11 +84,7 @@ def test_qscope_sae_loads_in_saelens(tmp_path, dtype):
     ours.save_pretrained(tmp_path, format="saelens")
     theirs = SAE.load_from_disk(str(tmp_path))
     assert theirs.cfg.metadata.hook_name == "blocks.2.hook_resid_post"
-    x = inputs(32, dtype)
-    with torch.no_grad():
-        assert_codes_agree(ours.encode(x), theirs.encode(x), dtype)
-        if dtype == torch.float32:
-            torch.testing.assert_close(ours(x), theirs.decode(theirs.encode(x)), **tolerance(dtype))
+    assert_same_outputs(ours, saelens_codec(theirs), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -80,13 +96,7 @@ def test_sparsify_sparse_coder_loads_in_qscope(tmp_path, dtype):
     theirs.save_to_disk(tmp_path / "run" / "layers.4")
     ours = SparseAutoencoder.from_pretrained(tmp_path / "run", layer=4)
     assert (ours.layer, ours.k, ours.d_sae, ours.dtype) == (4, 6, 128, dtype)
-    x = inputs(32, dtype)
-    with torch.no_grad():
-        encoded = theirs.encode(x)
-        assert_codes_agree(ours.encode(x), dense(encoded.top_acts, encoded.top_indices, 128), dtype)
-        if dtype == torch.float32:
-            torch.testing.assert_close(ours(x), theirs.decode(encoded.top_acts, encoded.top_indices),
-                                       **tolerance(dtype))
+    assert_same_outputs(ours, sparsify_codec(theirs), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -97,27 +107,17 @@ def test_qscope_sae_loads_in_sparsify(tmp_path, dtype):
     weights = ours.save_pretrained(tmp_path, format="sparsify")
     theirs = SparseCoder.load_from_disk(weights.parent)
     assert theirs.cfg.k == 6 and theirs.num_latents == 128
-    x = inputs(32, dtype)
-    with torch.no_grad():
-        encoded = theirs.encode(x)
-        assert_codes_agree(ours.encode(x), dense(encoded.top_acts, encoded.top_indices, 128), dtype)
-        if dtype == torch.float32:
-            torch.testing.assert_close(ours(x), theirs.decode(encoded.top_acts, encoded.top_indices),
-                                       **tolerance(dtype))
+    assert_same_outputs(ours, sparsify_codec(theirs), dtype)
 
 
 @pytest.mark.parametrize("fmt", ["saelens", "sparsify"])
 def test_shipped_smollm2_sae_in_both_libraries(tmp_path, fmt):
     ours = SparseAutoencoder.from_pretrained(ASSETS, layer=15, dtype=torch.float32)
     weights = ours.save_pretrained(tmp_path, format=fmt)
-    theirs = SAE.load_from_disk(str(tmp_path)) if fmt == "saelens" else SparseCoder.load_from_disk(weights.parent)
+    encode, _ = (saelens_codec(SAE.load_from_disk(str(tmp_path))) if fmt == "saelens"
+                 else sparsify_codec(SparseCoder.load_from_disk(weights.parent)))
     back = SparseAutoencoder.from_pretrained(tmp_path, layer=15)
-    x = inputs(576, torch.float32) * 20
+    x = inputs(576, torch.float32) * 20  # the residual stream's scale at layer 15
     with torch.no_grad():
-        if fmt == "saelens":
-            codes = theirs.encode(x)
-        else:
-            encoded = theirs.encode(x)
-            codes = dense(encoded.top_acts, encoded.top_indices, ours.d_sae)
-        torch.testing.assert_close(ours.encode(x), codes, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.encode(x), encode(x), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(back.encode(x), ours.encode(x), rtol=1e-5, atol=1e-5)
