@@ -126,9 +126,10 @@ class SAEFeatureMonitorCallback(TrainerCallback):
     def _record(self, layer: int, hidden: Tensor, mask: Tensor, counts: dict, sums: dict) -> Tensor:
         """Add one forward's statistics (kept on the hidden states' device: no host sync, no graph break under
         ``torch.compile``); returns the number of counted tokens as a tensor."""
-        acts = self.readers[layer].acts(hidden.detach()).float()[mask]  # [n, S]
-        counts[layer] = counts.get(layer, 0) + (acts > self.threshold).sum(0).double()
-        sums[layer] = sums.get(layer, 0) + acts.sum(0).double()
+        acts = self.readers[layer].acts(hidden.detach()).float()  # [B, T, S]
+        weight = mask.unsqueeze(-1)  # [B, T, 1]: a mask multiply, not boolean indexing (no data-dependent shape)
+        counts[layer] = counts.get(layer, 0) + ((acts > self.threshold) & weight).sum((0, 1)).double()
+        sums[layer] = sums.get(layer, 0) + (acts * weight).sum((0, 1)).double()
         return mask.sum().double()
 
     # -- hooks on the training model --------------------------------------------------------------------------

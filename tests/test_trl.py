@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
-from qscope_hf import ConfigError, Steering, decoder_layers
+from qscope_hf import ConfigError, Steering, capture_layers, decoder_layers
 from qscope_hf.testing import leaked_hooks
 from qscope_hf.tiny import tiny_model, tiny_sae, tiny_tokenizer
 from qscope_trl import (
@@ -349,6 +349,34 @@ def test_monitor_hooks_are_removed_when_training_raises(tmp_path, sae):
     with passed, pytest.raises(RuntimeError, match="boom"):
         trainer.train()
     assert not leaked_hooks(trainer.model)
+
+
+def test_monitor_adds_no_graph_break_under_torch_compile(sae):
+    torch.manual_seed(0)
+    model = tiny_model().train()
+    ids = torch.randint(0, 100, (2, 8))
+    labels = ids.clone()
+    labels[:, :3] = -100
+
+    def forward(ids, labels):
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+
+    plain = torch._dynamo.explain(forward)(ids, labels)
+    torch._dynamo.reset()
+    monitor = SAEFeatureMonitorCallback(sae, [3, 9], log_every=1)
+    monitor.on_train_begin(None, None, None, model=model)  # what the trainer does: install the hooks
+    try:
+        traced = torch._dynamo.explain(forward)(ids, labels)
+    finally:
+        monitor.close()
+        torch._dynamo.reset()
+    assert traced.graph_break_count == plain.graph_break_count == 0, traced.break_reasons
+    # the traced hooks still counted: the completion tokens, and the feature's firings among them (by hand)
+    with torch.no_grad(), capture_layers(model, [LAYER]) as hidden:
+        model(input_ids=ids)
+    fires = (sae.feature_reader([3, 9]).acts(hidden[LAYER])[labels != -100] > 0).sum(0)
+    assert float(monitor.tokens) == 10
+    assert monitor.counts[LAYER].tolist() == fires.double().tolist()
 
 
 def test_monitor_refuses_bad_configuration(sae):
