@@ -52,18 +52,25 @@ def test_classifier_beats_chance(tmp_path):
 
 
 def test_sasft_lowers_english_features(tmp_path):
-    record = run_quick("sasft", tmp_path, "--steps", "6")
-    plain, penalised = record["summary"]["plain LoRA SFT"], record["summary"]["LoRA SFT + SAE penalty"]
-    assert penalised["english_feature_excess"] < plain["english_feature_excess"]
-    assert record["runs"]["LoRA SFT + SAE penalty"][0]["penalty_log"]  # the aux loss reached the trainer's logs
-    assert abs(record["loss_change"]) < 0.05
+    # the paper's recipe on the mixed-language set: SAEs trained on the last two layers (cached under tmp_path)
+    record = run_quick("sasft", tmp_path, "--lams", "0.1", "--cache", str(tmp_path / "cache"))
+    assert record["layers"] == [28, 29]
+    assert all(len(features) == 2 for features in record["features"].values())  # top-2 per layer
+    assert 0 < record["train_french"] < record["train_size"] / 2  # mostly English, some French
+    summary = record["summary"]
+    plain, penalised = summary["lora: plain SFT"], summary["lora: SASFT λ=0.1"]
+    assert penalised["english_feature_excess"]["mean"] < plain["english_feature_excess"]["mean"]
+    assert record["runs"]["lora: SASFT λ=0.1"][0]["penalty_log"]  # the aux loss reached the trainer's logs
+    assert abs(penalised["loss_change"]) < 0.05
+    assert (tmp_path / "effects_sasft_lambda_quick.png").stat().st_size > 0
 
 
 def test_repetition_grpo_runs_every_condition(tmp_path):
     record = run_quick("repetition", tmp_path)
     summary = record["summary"]
-    assert set(summary) == {"before training", "vanilla GRPO", "SAE-penalty reward", "steered negative rollout"}
-    before = summary["before training"]["loop_perplexity"]
-    assert before is not None
+    assert set(summary) == {"before training", "vanilla GRPO", "SAE-penalty reward", "steered negative rollout",
+                            "both"}
+    before = summary["before training"]["loop_perplexity"]["mean"]
     # the steered negative is a looping rollout scored low, so training moves the policy away from loops
-    assert summary["steered negative rollout"]["loop_perplexity"] > before
+    for name in ("steered negative rollout", "both"):
+        assert summary[name]["loop_perplexity"]["mean"] > before
