@@ -10,6 +10,7 @@ import datetime
 import json
 import platform
 import re
+import statistics
 import sys
 from collections import Counter
 from pathlib import Path
@@ -81,6 +82,18 @@ def perplexity(model, tokenizer, prompts: list[str], completions: list[str], bat
     return float(torch.tensor(total / max(count, 1)).exp())
 
 
+def seed_spread(records: list[dict], keys: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Mean, min and max over the seeds' ``records`` of each of ``keys`` that was measured (not None)."""
+    return {key: {"mean": statistics.mean(r[key] for r in records), "min": min(r[key] for r in records),
+                  "max": max(r[key] for r in records)} for key in keys if records[0][key] is not None}
+
+
+def spread_cell(spread: dict[str, float], digits: int) -> str:
+    """A table cell: the mean, with the min–max range when the seeds differ."""
+    mean = f"{spread['mean']:.{digits}f}"
+    return mean if spread["min"] == spread["max"] else f"{mean} ({spread['min']:.{digits}f}–{spread['max']:.{digits}f})"
+
+
 def chat_prompts(tokenizer, questions: list[str]) -> list[str]:
     return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
             for q in questions]
@@ -137,4 +150,4 @@ def provenance(quick: bool) -> str:
 
 __all__ = ["ASSETS", "OUT", "STRENGTH_OF_NORM", "add_output_options", "chat_prompts", "contrast_texts", "generate",
            "has_english", "has_loop", "is_french", "language_scores", "load_model", "load_saes", "perplexity",
-           "provenance", "words", "write_section"]
+           "provenance", "seed_spread", "spread_cell", "words", "write_section"]

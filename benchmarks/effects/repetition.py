@@ -43,6 +43,8 @@ from common import (
     load_saes,
     perplexity,
     provenance,
+    seed_spread,
+    spread_cell,
     write_section,
 )
 from datasets import Dataset
@@ -107,9 +109,7 @@ def train(base, tokenizer, condition: str, prompts: list[str], sae, features, st
 
 def summarise(results: dict) -> dict:
     """Mean, min and max over seeds of each measure, per condition."""
-    return {name: {key: {"mean": statistics.mean(r[key] for r in records), "min": min(r[key] for r in records),
-                         "max": max(r[key] for r in records)} for key in MEASURES if records[0][key] is not None}
-            for name, records in results.items()}
+    return {name: seed_spread(records, MEASURES) for name, records in results.items()}
 
 
 def separated(summary: dict, seeds: int, name: str, key: str, better: str) -> str:
@@ -135,9 +135,7 @@ def render(record: dict, write: bool) -> None:
     def cell(name: str, key: str, digits: int) -> str:
         if key not in summary[name]:
             return "—"
-        s = summary[name][key]
-        mean = f"{s['mean']:.{digits}f}"
-        return mean if s["min"] == s["max"] else f"{mean} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+        return spread_cell(summary[name][key], digits)
 
     rows = "\n".join(f"| {name} | {cell(name, 'loop_share', 2)} | {cell(name, 'task_reward', 3)} | "
                      f"{cell(name, 'loop_perplexity', 3)} | {cell(name, 'changed', 0)} |" for name in summary)

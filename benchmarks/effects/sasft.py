@@ -51,6 +51,8 @@ from common import (
     load_model,
     load_saes,
     provenance,
+    seed_spread,
+    spread_cell,
     words,
     write_section,
 )
@@ -243,8 +245,7 @@ def summarise(runs: dict) -> dict:
     for name, records in runs.items():
         if not records:
             continue
-        entry = {key: {"mean": statistics.mean(r[key] for r in records), "min": min(r[key] for r in records),
-                       "max": max(r[key] for r in records)} for key in MEASURES}
+        entry = seed_spread(records, MEASURES)
         mode = records[0].get("mode")
         plain = {r["seed"]: r for r in runs.get(f"{mode}: plain SFT", [])}
         if mode and name != f"{mode}: plain SFT" and plain:
@@ -261,9 +262,7 @@ def render(record: dict, results: Path, write: bool) -> None:
     summary, tag = record.get("summary") or summarise(record["runs"]), record["tag"]
 
     def cell(name: str, key: str, digits: int = 2) -> str:
-        s = summary[name][key]
-        mean = f"{s['mean']:.{digits}f}"
-        return mean if s["min"] == s["max"] else f"{mean} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+        return spread_cell(summary[name][key], digits)
 
     rows = []
     for name in summary:
