@@ -60,24 +60,30 @@ def has_loop(token_ids: list[int], n: int = 4, repeats: int = 3) -> bool:
     return bool(grams) and max(grams.values()) >= repeats
 
 
+def padded_batches(sequences: list[tuple[int, list[int]]], pad_id: int, batch_size: int):
+    """Right-padded batches of ``(prompt length, token ids)`` pairs. Yields ``(first row, ids [B, T], attention mask
+    [B, T], scored [B, T-1])``, where ``scored`` marks the positions whose next token belongs to the completion."""
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        length = max(len(ids) for _, ids in chunk)
+        ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
+        scored = torch.zeros(len(chunk), length - 1, dtype=torch.bool)
+        for row, (prompt_length, sequence) in enumerate(chunk):
+            ids[row, :len(sequence)] = torch.tensor(sequence)
+            scored[row, prompt_length - 1:len(sequence) - 1] = True
+        mask = torch.arange(length)[None, :] < torch.tensor([len(s) for _, s in chunk])[:, None]
+        yield start, ids, mask.long(), scored
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 16) -> float:
     """Perplexity of ``completions`` given their prompts under ``model`` (mean over completion tokens)."""
     total, count = 0.0, 0
     pairs = [(tokenizer(p)["input_ids"], tokenizer(p + c)["input_ids"]) for p, c in zip(prompts, completions)]
     pairs = [(len(p), ids) for p, ids in pairs if len(ids) > len(p)]
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        length = max(len(ids) for _, ids in chunk)
-        ids = torch.full((len(chunk), length), tokenizer.pad_token_id or 0, dtype=torch.long)
-        scored = torch.zeros(len(chunk), length - 1, dtype=torch.bool)
-        for row, (prompt_length, sequence) in enumerate(chunk):
-            ids[row, :len(sequence)] = torch.tensor(sequence)
-            scored[row, prompt_length - 1:len(sequence) - 1] = True
-        mask = torch.arange(length)[None, :] < torch.tensor([len(s) for _, s in chunk])[:, None]
-        logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1]
-        losses = torch.nn.functional.cross_entropy(logits[scored], ids[:, 1:][scored], reduction="sum")
-        total += float(losses)
+    for _, ids, mask, scored in padded_batches(pairs, tokenizer.pad_token_id or 0, batch_size):
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        total += float(torch.nn.functional.cross_entropy(logits[scored], ids[:, 1:][scored], reduction="sum"))
         count += int(scored.sum())
     return float(torch.tensor(total / max(count, 1)).exp())
 
@@ -149,5 +155,5 @@ def provenance(quick: bool) -> str:
 
 
 __all__ = ["ASSETS", "OUT", "STRENGTH_OF_NORM", "add_output_options", "chat_prompts", "contrast_texts", "generate",
-           "has_english", "has_loop", "is_french", "language_scores", "load_model", "load_saes", "perplexity",
-           "provenance", "seed_spread", "spread_cell", "words", "write_section"]
+           "has_english", "has_loop", "is_french", "language_scores", "load_model", "load_saes", "padded_batches",
+           "perplexity", "provenance", "seed_spread", "spread_cell", "words", "write_section"]

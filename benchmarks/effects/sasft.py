@@ -1,6 +1,7 @@
 """SASFT as the paper ran it (Deng et al. 2025, arXiv 2507.14894; METHODS.md §7), on a mixed-language SFT set.
 
-    python benchmarks/effects/sasft.py [--quick] [--seeds 0 1 2] [--lams 1e-4 5e-4 1e-3 1e-2] [--modes lora full]
+    python benchmarks/effects/sasft.py [--quick] [--seeds 0 1 2] [--lams 1e-4 5e-4 1e-3 1e-2] [--full-lams ...]
+                                        [--modes lora full]
     python benchmarks/effects/sasft.py --render benchmarks/results/effects_sasft_full.json   # table + plot again
 
 The paper's situation: SFT on multilingual data that is mostly in one language, after which the model switches into
@@ -13,11 +14,12 @@ The paper's recipe: SAEs on the **last two layers** (here 28 and 29 of 30; the s
 study trains two on Faker text in five languages and caches them, reporting the time), the **top-2** English
 features per layer by monolinguality (contrast texts), α = each feature's mean pre-activation on French text, the
 penalty ``λ · mean over response tokens of ReLU(f − α)`` on the French samples only, λ swept over {1e-4, 5e-4, 1e-3,
-1e-2} (paper: 5e-4 Gemma, 1e-3 Llama) and 1e-1 (feature scales differ between SAEs); one epoch (the paper's over
-110k samples, here over the small set). Our previous recipe (top-16 features at the shipped layers 15 and 24,
-λ = 0.05, LoRA) runs as a further condition. Conditions run with LoRA (r = 16 on q/k/v/o, lr 2e-4; every λ) and
-with full fine-tuning (lr 2e-5; λ ∈ {1e-3, 1e-2, 1e-1}, what 2 CPU cores allowed), for seeds 0, 1, 2 (seed by
-seed, so an interrupted study has whole seeds), from the same model, data, order and steps.
+1e-2} (paper: 5e-4 Gemma, 1e-3 Llama) and 1e-1 (feature scales differ between SAEs), with 3e-2 as well for LoRA; one
+epoch (the paper's over 110k samples, here over the small set). Our previous recipe (top-16 features at the shipped
+layers 15 and 24, λ = 0.05, LoRA) runs as a further condition. Conditions run with LoRA (r = 16 on q/k/v/o, lr 2e-4)
+and with full fine-tuning (lr 2e-5), in bf16 mixed precision as the paper trained, for seeds 0, 1, 2 (seed by seed,
+so an interrupted study has whole seeds), from the same model, data, order and steps. Answers are sampled under bf16
+autocast; the held-out loss is computed in fp32.
 
 Measures, on held-out data: code-switched answers (≥ 10 % English stop words; a French answer has about 0 %),
 held-out next-token loss on French and English answers (teacher-forced), answers on topic (the answer names the
@@ -50,6 +52,7 @@ from common import (
     is_french,
     load_model,
     load_saes,
+    padded_batches,
     provenance,
     seed_spread,
     spread_cell,
@@ -99,10 +102,14 @@ def on_topic(answer: str, topic: str) -> bool:
     return any(word.startswith(stem) for word in words(answer) for stem in TOPICS[topic])
 
 
-def sampled_answers(model, tokenizer, questions: list[str], seed: int) -> list[str]:
+def sampled_answers(model, tokenizer, questions: list[str], seed: int, max_new_tokens: int = 48,
+                    temperature: float = 0.7, top_p: float = 0.9) -> list[str]:
+    """One sampled answer per question, all in one batch, under bf16 autocast (about 1.8 × faster on CPUs with bf16
+    units)."""
     torch.manual_seed(seed)
-    answers, _ = generate(model, tokenizer, chat_prompts(tokenizer, questions), max_new_tokens=48, do_sample=True,
-                          temperature=0.7, top_p=0.9, batch_size=24)
+    with torch.autocast(model.device.type, dtype=torch.bfloat16):
+        answers, _ = generate(model, tokenizer, chat_prompts(tokenizer, questions), max_new_tokens=max_new_tokens,
+                              do_sample=True, temperature=temperature, top_p=top_p, batch_size=len(questions))
     return [a.strip() for a in answers]
 
 
@@ -185,7 +192,7 @@ def fine_tune(base, tokenizer, data: Dataset, penalty: SAEFeaturePenalty | None,
     """One SFT run from a copy of ``base``: full fine-tuning or LoRA; returns the trained model and its penalty log."""
     lora = mode == "lora"
     args = SFTConfig(output_dir=tempfile.mkdtemp(), num_train_epochs=epochs, per_device_train_batch_size=8,
-                     learning_rate=2e-4 if lora else 2e-5, seed=seed, use_cpu=True, bf16=False, report_to="none",
+                     learning_rate=2e-4 if lora else 2e-5, seed=seed, use_cpu=True, bf16=True, report_to="none",
                      save_strategy="no", logging_steps=2, lr_scheduler_type="constant", max_length=256,
                      gradient_checkpointing=False)
     torch.manual_seed(seed)
@@ -200,35 +207,35 @@ def fine_tune(base, tokenizer, data: Dataset, penalty: SAEFeaturePenalty | None,
 
 
 @torch.no_grad()
-def held_out_measures(model, tokenizer, data: Dataset, penalty: SAEFeaturePenalty) -> tuple[float, float]:
+def held_out_measures(model, tokenizer, data: Dataset, penalty: SAEFeaturePenalty,
+                      batch_size: int = 24) -> tuple[float, float]:
     """Teacher-forced on the held-out answers: next-token loss (all of them), and the English-feature excess the
     paper's penalty targets (mean ReLU(f − α_fr) over the French answers' tokens and the penalised features)."""
     total, count, excess, pairs = 0.0, 0, 0.0, 0
-    french = penalty.language_ids(["fr"])
-    for prompt, completion, language in zip(data["prompt"], data["completion"], data["language"]):
+    sequences = []
+    for prompt, completion in zip(data["prompt"], data["completion"]):
         context = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-        start = len(tokenizer(context, add_special_tokens=False)["input_ids"])
-        ids = torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]])
+        sequences.append((len(tokenizer(context, add_special_tokens=False)["input_ids"]),
+                          tokenizer(full, add_special_tokens=False)["input_ids"]))
+    french = [language == "fr" for language in data["language"]]
+    for first, ids, mask, scored in padded_batches(sequences, tokenizer.pad_token_id or 0, batch_size):
         with capture_layers(model, penalty.layers) as hidden:
-            logits = model(input_ids=ids).logits[0, :-1]
-        losses = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")[start - 1:]
-        total += float(losses.sum())
-        count += len(losses)
-        if language == "fr":
-            answer = torch.zeros_like(ids, dtype=torch.bool)
-            answer[:, start:] = True
-            part, n = penalty.sums(hidden, answer, french)
-            excess += float(part)
-            pairs += int(n)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        total += float(torch.nn.functional.cross_entropy(logits[scored], ids[:, 1:][scored], reduction="sum"))
+        count += int(scored.sum())
+        answer = torch.zeros_like(ids, dtype=torch.bool)  # the French answers' tokens
+        answer[:, 1:] = scored & torch.tensor(french[first:first + len(ids)])[:, None]
+        part, n = penalty.sums(hidden, answer, penalty.language_ids(["fr"] * len(ids)))
+        excess += float(part)
+        pairs += int(n)
     return total / max(count, 1), excess / max(pairs, 1)
 
 
 def evaluate(model, tokenizer, data: dict, penalty: SAEFeaturePenalty, seed: int) -> dict:
     questions = [(q, topic) for q, topic in data["held_questions"] for _ in range(SAMPLES)]
-    torch.manual_seed(1000 + seed)
-    answers, _ = generate(model, tokenizer, chat_prompts(tokenizer, [q for q, _ in questions]), max_new_tokens=40,
-                          do_sample=True, temperature=0.8, top_p=0.95, batch_size=32)
+    answers = sampled_answers(model, tokenizer, [q for q, _ in questions], 1000 + seed, max_new_tokens=40,
+                              temperature=0.8, top_p=0.95)
     loss, excess = held_out_measures(model, tokenizer, data["held_loss"], penalty)
     return {"seed": seed, "code_switching": sum(map(has_english, answers)) / len(answers),
             "on_topic": sum(on_topic(a, t) for a, (_, t) in zip(answers, questions)) / len(answers),
@@ -322,7 +329,7 @@ def main() -> None:
     add_output_options(parser)
     parser.add_argument("--lams", type=float, nargs="+", default=None, help="λ of the paper's recipe (LoRA)")
     parser.add_argument("--full-lams", type=float, nargs="+", default=None,
-                        help="λ of the paper's recipe with full fine-tuning (default 1e-3 1e-2 1e-1)")
+                        help="λ of the paper's recipe with full fine-tuning (default 1e-4 5e-4 1e-3 1e-2 1e-1)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--modes", nargs="+", choices=["full", "lora"], default=None)
     parser.add_argument("--epochs", type=float, default=None, help="SFT epochs (default 1, as in the paper)")
@@ -336,8 +343,8 @@ def main() -> None:
     quick = args.quick
     seeds = args.seeds or ([0] if quick else [0, 1, 2])
     modes = args.modes or (["lora"] if quick else ["lora", "full"])
-    lams = {"lora": args.lams or ([1e-2] if quick else [1e-4, 5e-4, 1e-3, 1e-2, 1e-1]),
-            "full": args.full_lams or [1e-3, 1e-2, 1e-1]}
+    lams = {"lora": args.lams or ([1e-2] if quick else [1e-4, 5e-4, 1e-3, 1e-2, 3e-2, 1e-1]),
+            "full": args.full_lams or [1e-4, 5e-4, 1e-3, 1e-2, 1e-1]}
     epochs = args.epochs or 1.0
     tokens = args.sae_tokens or (16_384 if quick else 400_000)
     d_sae = 512 if quick else 4096
