@@ -65,6 +65,18 @@ def test_sasft_lowers_english_features(tmp_path):
     assert (tmp_path / "effects_sasft_lambda_quick.png").stat().st_size > 0
 
 
+def test_sasft_p_value_matches_a_hand_computed_z_test(monkeypatch):
+    monkeypatch.syspath_prepend(str(EFFECTS))
+    from sasft import fewer_p_value
+
+    # 10 of 100 code-switched against plain SFT's 20 of 100: pooled 0.15, standard error sqrt(0.15 · 0.85 · 0.02)
+    # = 0.050498, z = 0.1 / 0.050498 = 1.98030, one-sided p = 0.02384
+    assert fewer_p_value(10, 100, 20, 100) == pytest.approx(0.02384, abs=1e-5)
+    assert fewer_p_value(20, 100, 10, 100) == pytest.approx(1 - 0.02384, abs=1e-5)  # more, not fewer
+    assert fewer_p_value(7, 72, 7, 72) == pytest.approx(0.5)
+    assert fewer_p_value(0, 72, 0, 72) == 1.0  # nothing to reduce
+
+
 def test_repetition_grpo_runs_every_condition(tmp_path):
     record = run_quick("repetition", tmp_path)
     summary = record["summary"]

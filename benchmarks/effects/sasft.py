@@ -34,6 +34,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import random
 import statistics
 import sys
@@ -245,9 +246,20 @@ def evaluate(model, tokenizer, data: dict, penalty: SAEFeaturePenalty, seed: int
 MEASURES = ("code_switching", "held_out_loss", "on_topic", "english_feature_excess")
 
 
-def summarise(runs: dict) -> dict:
-    """Per condition: mean, min and max over seeds of each measure, and the loss change against the same mode's
-    plain SFT (seed by seed, then averaged)."""
+def fewer_p_value(switched: int, total: int, plain_switched: int, plain_total: int) -> float:
+    """One-sided p-value of a two-proportion z-test that a condition's share of code-switched answers
+    (``switched`` of ``total``) is lower than plain SFT's."""
+    pooled = (switched + plain_switched) / (total + plain_total)
+    if pooled in (0.0, 1.0):
+        return 1.0
+    spread = math.sqrt(pooled * (1 - pooled) * (1 / total + 1 / plain_total))
+    return 0.5 * math.erfc((plain_switched / plain_total - switched / total) / spread / math.sqrt(2))
+
+
+def summarise(runs: dict, answers: int) -> dict:
+    """Per condition: mean, min and max over seeds of each measure, and against the same mode's plain SFT on the same
+    seeds: the loss change (seed by seed, then averaged), the reduction in code-switched answers and its p-value
+    (answers pooled over seeds; ``answers`` sampled per run)."""
     summary = {}
     for name, records in runs.items():
         if not records:
@@ -260,13 +272,21 @@ def summarise(runs: dict) -> dict:
                                                    for r in records)
             base = statistics.mean(plain[r["seed"]]["code_switching"] for r in records)
             entry["code_switching_reduction"] = 1 - entry["code_switching"]["mean"] / base if base else 0.0
+            entry["fewer_p"] = fewer_p_value(sum(round(r["code_switching"] * answers) for r in records),
+                                             answers * len(records),
+                                             sum(round(plain[r["seed"]]["code_switching"] * answers) for r in records),
+                                             answers * len(records))
             entry["met"] = entry["code_switching_reduction"] >= 0.5 and abs(entry["loss_change"]) <= 0.02
         summary[name] = entry
     return summary
 
 
+def p_text(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p {p:.3f}"
+
+
 def render(record: dict, results: Path, write: bool) -> None:
-    summary, tag = record.get("summary") or summarise(record["runs"]), record["tag"]
+    summary, tag = record["summary"], record["tag"]
 
     def cell(name: str, key: str, digits: int = 2) -> str:
         return spread_cell(summary[name][key], digits)
@@ -275,12 +295,13 @@ def render(record: dict, results: Path, write: bool) -> None:
     for name in summary:
         entry = summary[name]
         change = f"{entry['loss_change']:+.2%}" if "loss_change" in entry else "—"
-        fewer = f"{entry['code_switching_reduction']:.0%}" if "code_switching_reduction" in entry else "—"
+        fewer = (f"{entry['code_switching_reduction']:.0%} ({p_text(entry['fewer_p'])})"
+                 if "code_switching_reduction" in entry else "—")
         seeds = ", ".join(str(r["seed"]) for r in record["runs"][name])
         rows.append(f"| {name} | {seeds} | {cell(name, 'code_switching')} | {fewer} | "
                     f"{cell(name, 'held_out_loss', 4)} | {change} | {cell(name, 'on_topic')} | "
                     f"{cell(name, 'english_feature_excess', 3)} |")
-    met = [name for name, entry in summary.items() if entry.get("met")]
+    met = [f"{name} ({p_text(summary[name]['fewer_p'])})" for name, entry in summary.items() if entry.get("met")]
     verdict = (f"met by {', '.join(met)}" if met else "not met by any condition")
     plot(summary, record, results / f"effects_sasft_lambda_{tag}.png")
     sae = record["sae_training"]
@@ -291,7 +312,9 @@ def render(record: dict, results: Path, write: bool) -> None:
 {SAMPLES} sampled answers. SAEs at layers {record['layers']} trained by the study ({sae['tokens']} tokens, d_sae
 {sae['d_sae']}, {sae['seconds']} s on this machine, cached in `benchmarks/.cache`); English features (top 2 per layer):
 {record['features']}. Cells: mean over the seeds listed (min–max); loss change and "fewer" are against the same mode's
-plain SFT on the same seeds; the base model's seeds only change the sampling.
+plain SFT on the same seeds, p is a one-sided two-proportion z-test of "fewer" on the answers pooled over those seeds
+({record['held_questions'] * SAMPLES} per seed); the base model's seeds only change the sampling. Whole study
+{record['seconds'] / 60:.0f} min.
 
 | condition | seeds | code-switched | fewer than plain | held-out loss | loss change | on topic | English excess |
 |---|---|---|---|---|---|---|---|
@@ -337,8 +360,11 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=CACHE, help="where the trained SAEs are kept")
     parser.add_argument("--render", type=Path, default=None, help="rewrite the table and plot from a JSON record")
     args = parser.parse_args()
-    if args.render:
-        render(json.loads(args.render.read_text()), args.results, not args.no_write)
+    if args.render:  # the summary is recomputed from the runs, so a record made by an older version renders too
+        record = json.loads(args.render.read_text())
+        record["summary"] = summarise(record["runs"], record["held_questions"] * SAMPLES)
+        args.render.write_text(json.dumps(record, indent=2, ensure_ascii=False))
+        render(record, args.results, not args.no_write)
         return
     quick = args.quick
     seeds = args.seeds or ([0] if quick else [0, 1, 2])
@@ -383,7 +409,7 @@ def main() -> None:
                   f"{result['english_feature_excess']:.3f} ({time.time() - start:.0f} s)", flush=True)
             record |= {"runs": runs, "seconds": round(time.time() - start)}
             (args.results / f"effects_sasft_{tag}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
-    record["summary"] = summarise(runs)
+    record["summary"] = summarise(runs, record["held_questions"] * SAMPLES)
     (args.results / f"effects_sasft_{tag}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
     render(record, args.results, not args.no_write)
 
