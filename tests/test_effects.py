@@ -63,6 +63,13 @@ def test_sasft_lowers_english_features(tmp_path):
     assert record["runs"]["lora: SASFT λ=0.1"][0]["penalty_log"]  # the aux loss reached the trainer's logs
     assert abs(penalised["loss_change"]) < 0.05
     assert (tmp_path / "effects_sasft_lambda_quick.png").stat().st_size > 0
+    # resuming checks that it builds the same data (the base model's answers) and keeps the runs it finds: the run
+    # marked here comes back marked, so it was not trained again
+    record["runs"]["lora: plain SFT"][0]["kept"] = True
+    (tmp_path / "effects_sasft_quick.json").write_text(json.dumps(record))
+    resumed = run_quick("sasft", tmp_path, "--lams", "0.1", "--cache", str(tmp_path / "cache"), "--resume")
+    assert resumed["runs"] == record["runs"]
+    assert "resumed" in resumed["provenance"]
 
 
 def test_sasft_p_value_matches_a_hand_computed_z_test(monkeypatch):

@@ -1,7 +1,7 @@
 """SASFT as the paper ran it (Deng et al. 2025, arXiv 2507.14894; METHODS.md §7), on a mixed-language SFT set.
 
     python benchmarks/effects/sasft.py [--quick] [--seeds 0 1 2] [--lams 1e-4 5e-4 1e-3 1e-2] [--full-lams ...]
-                                        [--modes lora full]
+                                        [--modes lora full] [--resume]
     python benchmarks/effects/sasft.py --render benchmarks/results/effects_sasft_full.json   # table + plot again
 
 The paper's situation: SFT on multilingual data that is mostly in one language, after which the model switches into
@@ -16,7 +16,7 @@ features per layer by monolinguality (contrast texts), α = each feature's mean 
 penalty ``λ · mean over response tokens of ReLU(f − α)`` on the French samples only, λ swept over {1e-4, 5e-4, 1e-3,
 1e-2} (paper: 5e-4 Gemma, 1e-3 Llama) and 1e-1 (feature scales differ between SAEs), with 3e-2 as well for LoRA; one
 epoch (the paper's over 110k samples, here over the small set). Our previous recipe (top-16 features at the shipped
-layers 15 and 24, λ = 0.05, LoRA) runs as a further condition. Conditions run with LoRA (r = 16 on q/k/v/o, lr 2e-4)
+layers 15 and 24, λ = 0.05) runs as a further condition. Conditions run with LoRA (r = 16 on q/k/v/o, lr 2e-4)
 and with full fine-tuning (lr 2e-5), in bf16 mixed precision as the paper trained, for seeds 0, 1, 2 (seed by seed,
 so an interrupted study has whole seeds), from the same model, data, order and steps. Answers are sampled under bf16
 autocast; the held-out loss is computed in fp32.
@@ -358,6 +358,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=None, help="SFT epochs (default 1, as in the paper)")
     parser.add_argument("--sae-tokens", type=int, default=None, help="training tokens of the last-layer SAEs")
     parser.add_argument("--cache", type=Path, default=CACHE, help="where the trained SAEs are kept")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs of the record in --results (same data: checked on the base model's "
+                             "answers) and run only the missing conditions and seeds")
     parser.add_argument("--render", type=Path, default=None, help="rewrite the table and plot from a JSON record")
     args = parser.parse_args()
     if args.render:  # the summary is recomputed from the runs, so a record made by an older version renders too
@@ -383,10 +386,10 @@ def main() -> None:
     for mode in modes:
         conditions[mode, "plain SFT"] = None
         conditions |= {(mode, f"SASFT λ={lam:g}"): dataclasses.replace(paper, coef=lam) for lam in lams[mode]}
-    if not quick and "lora" in modes:  # the previous recipe was a LoRA recipe
+    if not quick:
         name = f"previous recipe (top-{PREVIOUS['top']}, layers 15+24, λ={PREVIOUS['lam']})"
-        conditions["lora", name] = language_penalty(model, tokenizer, load_saes(PREVIOUS["layers"]),
-                                                    PREVIOUS["top"], PREVIOUS["lam"])
+        previous = language_penalty(model, tokenizer, load_saes(PREVIOUS["layers"]), PREVIOUS["top"], PREVIOUS["lam"])
+        conditions |= {(mode, name): previous for mode in modes}
     data = build_data(model, tokenizer, quick)
     print(f"data and SAEs ready ({time.time() - start:.0f} s)", flush=True)
     tag = "quick" if quick else "full"
@@ -398,19 +401,31 @@ def main() -> None:
               "held_questions": len(data["held_questions"])}
     runs = {"base model": [evaluate(model, tokenizer, data, paper, seed) for seed in seeds]}
     runs |= {f"{mode}: {name}": [] for mode, name in conditions}
+    out, earlier_seconds = args.results / f"effects_sasft_{tag}.json", 0
+    if args.resume and out.exists():
+        earlier = json.loads(out.read_text())
+        if [r for r in earlier["runs"]["base model"] if r["seed"] in seeds] != runs["base model"]:
+            raise SystemExit(f"{out}: the base model's answers differ from this run's (other data, model or machine); "
+                             "not resuming")
+        runs |= {name: found for name, found in earlier["runs"].items() if name in runs}
+        record["provenance"] = f"{earlier['provenance']}; resumed: {record['provenance']}"
+        earlier_seconds = earlier["seconds"]
     args.results.mkdir(parents=True, exist_ok=True)
     for seed in seeds:  # seeds outermost: an interrupted run still has every condition for the seeds it finished
         for (mode, name), penalty in conditions.items():
+            if any(r["seed"] == seed for r in runs[f"{mode}: {name}"]):
+                continue  # kept from the record resumed
             trained, logged = fine_tune(model, tokenizer, data["train"], penalty, seed, mode, epochs)
             result = {**evaluate(trained, tokenizer, data, paper, seed), "mode": mode, "penalty_log": logged}
             runs[f"{mode}: {name}"].append(result)
             print(f"{mode}: {name}, seed {seed}: code-switching {result['code_switching']:.2f}, on topic "
                   f"{result['on_topic']:.2f}, held-out loss {result['held_out_loss']:.4f}, English-feature excess "
                   f"{result['english_feature_excess']:.3f} ({time.time() - start:.0f} s)", flush=True)
-            record |= {"runs": runs, "seconds": round(time.time() - start)}
-            (args.results / f"effects_sasft_{tag}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
-    record["summary"] = summarise(runs, record["held_questions"] * SAMPLES)
-    (args.results / f"effects_sasft_{tag}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
+            record |= {"runs": runs, "seconds": earlier_seconds + round(time.time() - start)}
+            out.write_text(json.dumps(record, indent=2, ensure_ascii=False))
+    record |= {"runs": runs, "seconds": earlier_seconds + round(time.time() - start),
+               "summary": summarise(runs, record["held_questions"] * SAMPLES)}
+    out.write_text(json.dumps(record, indent=2, ensure_ascii=False))
     render(record, args.results, not args.no_write)
 
 
