@@ -72,6 +72,15 @@ def test_sasft_lowers_english_features(tmp_path):
     assert "resumed" in resumed["provenance"]
 
 
+@pytest.mark.parametrize(("script", "option", "value"), [("sasft", "--epochs", "0"), ("sasft", "--lams", "nan"),
+                                                      ("sasft", "--sae-tokens", "-5"), ("repetition", "--steps", "0")])
+def test_effect_scripts_refuse_counts_and_coefficients_that_are_not_positive(script, option, value):
+    done = subprocess.run([sys.executable, str(EFFECTS / f"{script}.py"), "--quick", option, value], cwd=EFFECTS,
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert f"argument {option}: must be finite and > 0, got {value}" in done.stderr
+
+
 def test_sasft_p_value_matches_a_hand_computed_z_test(monkeypatch):
     monkeypatch.syspath_prepend(str(EFFECTS))
     from sasft import fewer_p_value

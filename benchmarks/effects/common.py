@@ -6,8 +6,10 @@ what an offline run can afford; the numbers are comparable across conditions, no
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
+import math
 import platform
 import re
 import statistics
@@ -128,6 +130,17 @@ def contrast_texts() -> dict[str, list[str]]:
     return json.loads((ASSETS / "contrast.json").read_text())
 
 
+def positive(kind: type):
+    """An argparse ``type``: the value as ``kind`` (int or float), refused unless finite and > 0."""
+    def parse(text: str):
+        value = kind(text)
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be finite and > 0, got {text}")
+        return value
+
+    return parse
+
+
 def add_output_options(parser) -> None:
     """``--results DIR`` (JSON and plots; default benchmarks/results) and ``--no-write`` (leave RESULTS.md alone)."""
     parser.add_argument("--results", type=Path, default=OUT, help="where the JSON and plots go")
@@ -156,4 +169,4 @@ def provenance(quick: bool) -> str:
 
 __all__ = ["ASSETS", "OUT", "STRENGTH_OF_NORM", "add_output_options", "chat_prompts", "contrast_texts", "generate",
            "has_english", "has_loop", "is_french", "language_scores", "load_model", "load_saes", "padded_batches",
-           "perplexity", "provenance", "seed_spread", "spread_cell", "words", "write_section"]
+           "perplexity", "positive", "provenance", "seed_spread", "spread_cell", "words", "write_section"]

@@ -42,6 +42,7 @@ from common import (
     load_model,
     load_saes,
     perplexity,
+    positive,
     provenance,
     seed_spread,
     spread_cell,
@@ -171,7 +172,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     add_output_options(parser)
-    parser.add_argument("--steps", type=int, default=None, help="GRPO steps per run (default 3 quick, 16 full)")
+    parser.add_argument("--steps", type=positive(int), default=None,
+                        help="GRPO steps per run (default 3 quick, 16 full)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--render", type=Path, default=None, help="rewrite the RESULTS.md section from a JSON record")
     args = parser.parse_args()

@@ -54,6 +54,7 @@ from common import (
     load_model,
     load_saes,
     padded_batches,
+    positive,
     provenance,
     seed_spread,
     spread_cell,
@@ -350,13 +351,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     add_output_options(parser)
-    parser.add_argument("--lams", type=float, nargs="+", default=None, help="λ of the paper's recipe (LoRA)")
-    parser.add_argument("--full-lams", type=float, nargs="+", default=None,
+    parser.add_argument("--lams", type=positive(float), nargs="+", default=None, help="λ of the paper's recipe (LoRA)")
+    parser.add_argument("--full-lams", type=positive(float), nargs="+", default=None,
                         help="λ of the paper's recipe with full fine-tuning (default 1e-4 5e-4 1e-3 1e-2 1e-1)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--modes", nargs="+", choices=["full", "lora"], default=None)
-    parser.add_argument("--epochs", type=float, default=None, help="SFT epochs (default 1, as in the paper)")
-    parser.add_argument("--sae-tokens", type=int, default=None, help="training tokens of the last-layer SAEs")
+    parser.add_argument("--epochs", type=positive(float), default=None, help="SFT epochs (default 1, as in the paper)")
+    parser.add_argument("--sae-tokens", type=positive(int), default=None, help="training tokens of the last-layer SAEs")
     parser.add_argument("--cache", type=Path, default=CACHE, help="where the trained SAEs are kept")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs of the record in --results (same data: checked on the base model's "
