@@ -4,12 +4,21 @@ from . import ops
 from .calibration import Calibration, calibrate_strength, steered_cross_entropy
 from .config import SAEConfig
 from .errors import (
+    ArgumentTypeError,
+    BackendUnavailableError,
     CheckpointError,
     ConfigError,
     FeatureIndexError,
     LayerError,
     MissingColumnError,
+    MissingDependencyError,
+    MissingFileError,
+    OutputExistsError,
+    PositionError,
     QscopeError,
+    SteeringNotActiveError,
+    UnknownReleaseError,
+    UnsupportedError,
 )
 from .hooks import (
     add_to_layers,
@@ -30,7 +39,7 @@ from .output_scores import (
     rank_features,
     unembedding,
 )
-from .releases import Release, UnknownReleaseError, find_release, get_release, list_releases, register_release
+from .releases import Release, find_release, get_release, list_releases, register_release
 from .sae import SparseAutoencoder
 from .steering import (
     FeatureTrace,
@@ -47,6 +56,14 @@ from .vectors import EffectApproximator, diff_means_vector, fit_effect_approxima
 
 __all__ = [
     "ConfigError",
+    "ArgumentTypeError",
+    "BackendUnavailableError",
+    "MissingDependencyError",
+    "MissingFileError",
+    "OutputExistsError",
+    "PositionError",
+    "SteeringNotActiveError",
+    "UnsupportedError",
     "FeatureIndexError",
     "LayerError",
     "MissingColumnError",

@@ -65,7 +65,7 @@ def footprints(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, data: C
 
 def union(prints: Sequence[Footprint]) -> set[int]:
     if not prints:
-        raise ValueError("a benchmark needs at least one sample")
+        raise ConfigError("a benchmark needs at least one sample")
     return set().union(*prints)
 
 
@@ -150,7 +150,7 @@ def ranking_redundancy(scores: Mapping[str, Sequence[float]], *, fraction: float
     models = list(scores)
     lengths = {len(v) for v in scores.values()}
     if len(models) < 2 or len(lengths) != 1:
-        raise ValueError("need per-sample scores of at least two models, all over the same samples")
+        raise ConfigError("need per-sample scores of at least two models, all over the same samples")
     size = lengths.pop()
     full = [sum(scores[m]) / size for m in models]
     rng = random.Random(seed)

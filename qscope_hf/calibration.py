@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import ArgumentTypeError, ConfigError
 from .hooks import unwrap_model
 from .steering import Steering, steered
 from .validation import finite, positive_int
@@ -38,7 +39,7 @@ def _token_batches(tokenizer: Any, texts: Sequence[str], batch_size: int, max_le
                    device: torch.device) -> list[dict[str, torch.Tensor]]:
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-        raise ValueError("need a non-empty list of non-empty texts")
+        raise ConfigError("need a non-empty list of non-empty texts")
     positive_int("batch_size", batch_size)
     positive_int("max_length", max_length)
     return [{key: value.to(device) for key, value in
@@ -107,12 +108,12 @@ def calibrate_strength(model: nn.Module, tokenizer: Any, steering: Steering, tex
     strengths stay within budget (the vector does nothing measurable) or the texts are empty.
     """
     if not isinstance(steering, Steering):
-        raise TypeError(f"expected a Steering spec, got {type(steering).__name__}")
+        raise ArgumentTypeError(f"expected a Steering spec, got {type(steering).__name__}")
     finite("max_ce_increase", max_ce_increase, positive=True)
     positive_int("steps", steps)
     finite("max_scale", max_scale, positive=True)
     if not bool(steering.strengths.abs().sum() > 0):
-        raise ValueError("cannot calibrate a spec whose strengths are all zero: give the direction a sign")
+        raise ConfigError("cannot calibrate a spec whose strengths are all zero: give the direction a sign")
     steering.check_fits(model)
     device = next(unwrap_model(model).parameters()).device
     batches = _token_batches(tokenizer, texts, batch_size, max_length, device)
@@ -129,8 +130,8 @@ def calibrate_strength(model: nn.Module, tokenizer: Any, steering: Steering, tex
     while cost(high) <= max_ce_increase:
         low, high = high, high * 4
         if high > max_scale:
-            raise ValueError(f"even {low:g} x the strengths raise the cross-entropy by only {curve[low]:.3f} nats "
-                             f"(< {max_ce_increase}): the vector has no measurable effect")
+            raise ConfigError(f"even {low:g} x the strengths raise the cross-entropy by only {curve[low]:.3f} nats "
+                              f"(< {max_ce_increase}): the vector has no measurable effect")
     while low == 0.0 and high > 1e-6:
         candidate = high / 4
         if cost(candidate) <= max_ce_increase:
@@ -138,7 +139,7 @@ def calibrate_strength(model: nn.Module, tokenizer: Any, steering: Steering, tex
         else:
             high = candidate
     if low == 0.0:
-        raise ValueError(f"even 1e-6 x the strengths raise the cross-entropy by more than {max_ce_increase} nats")
+        raise ConfigError(f"even 1e-6 x the strengths raise the cross-entropy by more than {max_ce_increase} nats")
     for _ in range(steps):
         middle = math.sqrt(low * high)
         if cost(middle) <= max_ce_increase:

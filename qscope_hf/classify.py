@@ -88,11 +88,11 @@ def collect_text_features(model: nn.Module, tokenizer: Any, saes: SparseAutoenco
 def _check_labels(labels: Sequence[Any], n: int) -> Tensor:
     y = torch.as_tensor([bool(v) for v in labels])
     if len(y) != n:
-        raise ValueError(f"{len(y)} labels for {n} texts")
+        raise ConfigError(f"{len(y)} labels for {n} texts")
     if n == 0:
-        raise ValueError("no texts to fit on")
+        raise ConfigError("no texts to fit on")
     if y.all() or not y.any():
-        raise ValueError("fitting needs both positive and negative examples (got a single class)")
+        raise ConfigError("fitting needs both positive and negative examples (got a single class)")
     return y
 
 
@@ -121,8 +121,8 @@ class FeatureClassifier:
         """``[n]`` maximum activation of the selected features in each text (0 when none fires)."""
         for layer in self.features:
             if layer not in features.fired:
-                raise ValueError(f"the classifier reads layer {layer}, the collected features cover "
-                                 f"{sorted(features.fired)}")
+                raise ConfigError(f"the classifier reads layer {layer}, the collected features cover "
+                                  f"{sorted(features.fired)}")
         n = len(features)
         out = torch.zeros(n)
         for layer, selected in self.features.items():
@@ -175,7 +175,7 @@ def fit_feature_classifier(features: TextFeatures, labels: Sequence[Any], *, top
         chosen = list(layers)
         missing = [layer for layer in chosen if layer not in deltas]
         if missing:
-            raise ValueError(f"layers {missing} are not covered by the collected SAE features ({sorted(deltas)})")
+            raise ConfigError(f"layers {missing} are not covered by the collected SAE features ({sorted(deltas)})")
     selected = {layer: deltas[layer].argsort(descending=True, stable=True)[:top].tolist() for layer in chosen}
     return FeatureClassifier(selected, epsilon, {layer: deltas[layer][ids].tolist() for layer, ids in selected.items()},
                              dict(sae_sources or {}))
@@ -254,7 +254,7 @@ def data_efficiency_curve(fit: TextFeatures, fit_labels: Sequence[Any], test: Te
                 if any(chosen) and not all(chosen):
                     break
             else:
-                raise ValueError(f"cannot draw both classes in {size} examples")
+                raise ConfigError(f"cannot draw both classes in {size} examples")
             classifier = fit_feature_classifier(fit.subset(rows), chosen, **options)
             scores.append(f1_score(classifier.predict(test), test_labels))
         curve.append({"fraction": fraction, "f1": sum(scores) / len(scores), "f1_min": min(scores),

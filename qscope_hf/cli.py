@@ -13,11 +13,13 @@ from collections.abc import Sequence
 
 from .analysis import FOOTPRINT_MODES
 from .discovery import CONTRAST_BY
+from .errors import ConfigError, OutputExistsError, QscopeError
 from .output_scores import RANKINGS
 from .steering import MODES, POSITIONS
 
-#: Mistakes a user can make on the command line (bad values, missing files, wrong shapes): one line, exit 1.
-USER_ERRORS = (ValueError, KeyError, IndexError, FileNotFoundError, OSError)
+#: Mistakes a user can make on the command line: every refusal of qscope, and what the file system says (a path
+#: that cannot be read or written). One line, exit 1.
+USER_ERRORS = (QscopeError, OSError)
 
 
 def _positive(text: str) -> int:
@@ -29,6 +31,17 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _positions(text: str) -> str | list[int]:
+    """argparse type: ``all``, ``prompt``, ``generated`` or comma-separated integer positions."""
+    if text in POSITIONS:
+        return text
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(POSITIONS)} or comma-separated integers such "
+                                         f"as 0,-1, got {text!r}") from None
 
 
 def _non_empty(text: str) -> str:
@@ -67,8 +80,8 @@ def _discover(args: argparse.Namespace) -> None:
     stats_b = activation_stats(model, tokenizer, sae, corpus_b, **options)
     empty = [name for name, stats in (("A", stats_a), ("B", stats_b)) if not stats[sae.layer].tokens]
     if empty:
-        raise ValueError(f"no token of corpus {' and '.join(empty)} is left to compare"
-                         + (" (--drop-common removed every token: the corpora share their whole vocabulary)"
+        raise ConfigError(f"no token of corpus {' and '.join(empty)} is left to compare"
+                          + (" (--drop-common removed every token: the corpora share their whole vocabulary)"
                             if args.drop_common else ""))
     if args.by in ("rate", "mean"):
         print(format_contrast(contrast_features(stats_a, stats_b, top=args.top, by=args.by)))
@@ -89,11 +102,10 @@ def _steer(args: argparse.Namespace) -> None:
     from .steering import SAELogitsProcessor, Steering
 
     model, tokenizer, sae = _model_and_sae(args)
-    positions = args.positions if args.positions in POSITIONS else \
-        [int(p) for p in args.positions.split(",")]
-    spec = Steering(sae, args.feature, args.strength, positions=positions, mode=args.mode)
+    spec = Steering(sae, args.feature, args.strength, positions=args.positions, mode=args.mode)
     if args.auto_strength:
-        texts = load_texts(args.calibration_texts)["text"] if args.calibration_texts else NEUTRAL_TEXTS
+        texts = (load_texts(args.calibration_texts, args.text_column)[args.text_column] if args.calibration_texts
+                 else NEUTRAL_TEXTS)
         calibration = calibrate_strength(model, tokenizer, spec, texts, max_ce_increase=args.max_ce_increase)
         spec = calibration.steering
         print(f"calibrated strength {calibration.strength:.4g} (cross-entropy on neutral text "
@@ -107,9 +119,13 @@ def _steer(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from .export import bake_steering, export_control_vector
     from .steering import Steering
 
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        raise OutputExistsError(f"{args.out} exists: pass --overwrite to replace it")
     model, tokenizer, sae = _model_and_sae(args)
     spec = Steering(sae, args.feature, args.strength)
     if args.out:
@@ -120,7 +136,7 @@ def _export(args: argparse.Namespace) -> None:
         tokenizer.save_pretrained(args.bake)
         print(f"wrote a steered checkpoint to {args.bake} (loads with AutoModelForCausalLM.from_pretrained)")
     if not (args.out or args.bake):
-        raise ValueError("pass --out FILE.gguf (llama.cpp control vector) and/or --bake DIR (steered checkpoint)")
+        raise ConfigError("pass --out FILE.gguf (llama.cpp control vector) and/or --bake DIR (steered checkpoint)")
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -185,7 +201,7 @@ def _analyze(args: argparse.Namespace) -> None:
     model, tokenizer, sae = _model_and_sae(args)
     names = args.names or [Path(path).stem for path in args.benchmarks]
     if len(names) != len(args.benchmarks):
-        raise ValueError(f"{len(names)} names for {len(args.benchmarks)} benchmarks")
+        raise ConfigError(f"{len(names)} names for {len(args.benchmarks)} benchmarks")
     prints = {name: footprints(model, tokenizer, sae, load_texts(path, args.text_column), mode=args.mode,
                                text_column=args.text_column, batch_size=args.batch_size)
               for name, path in zip(names, args.benchmarks)}
@@ -201,7 +217,12 @@ def _analyze(args: argparse.Namespace) -> None:
     report.image(plot_overlap(names, overlap_matrix(prints), out.with_suffix(".overlap.png")),
                  "asymmetric overlap |F(row) ∩ F(column)| / |F(row)|")
     if args.scores:
-        scores = json.loads(Path(args.scores).read_text())
+        try:
+            scores = json.loads(Path(args.scores).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ConfigError(f"--scores {args.scores} is not valid JSON: {error}") from None
+        if not isinstance(scores, dict):
+            raise ConfigError(f"--scores {args.scores} must hold a JSON object {{benchmark: {{model: [scores]}}}}")
         cells = "".join(f"<tr><td>{name}</td><td>{ranking_redundancy(scores[name]):.3f}</td></tr>"
                         for name in names if name in scores)
         report.parts.append("<h2>Ranking-stability redundancy R (Kendall τ, 10% subsets)</h2>"
@@ -257,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="scale the strengths until the loss on neutral text rises by --max-ce-increase nats")
     steer.add_argument("--max-ce-increase", type=float, default=0.5)
     steer.add_argument("--calibration-texts", default=None, help="texts for --auto-strength (default: built-in)")
-    steer.add_argument("--positions", default="all", help="all, prompt, generated, or comma-separated indices")
+    steer.add_argument("--positions", type=_positions, default="all",
+                       help="all, prompt, generated, or comma-separated indices")
     steer.add_argument("--mode", choices=MODES, default="add")
     steer.add_argument("--max-new-tokens", type=_positive, default=40)
     steer.set_defaults(run=_steer)

@@ -35,13 +35,15 @@ class SAEConfig:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
         if self.d_model <= 0 or self.d_sae <= 0:
-            raise ValueError(f"d_model and d_sae must be positive, got d_model={self.d_model}, d_sae={self.d_sae}")
+            raise ConfigError(f"d_model and d_sae must be positive, got d_model={self.d_model}, d_sae={self.d_sae}")
         if not 0 < self.k <= self.d_sae:
-            raise ValueError(f"k={self.k} must be in [1, d_sae={self.d_sae}]")
+            raise ConfigError(f"k={self.k} must be in [1, d_sae={self.d_sae}]")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; choose one of {ACTIVATIONS}")
+            raise ConfigError(f"unknown activation {self.activation!r}; choose one of {ACTIVATIONS}")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
+            raise ConfigError(f"layer must be an integer, got {self.layer!r}")
         if self.layer is not None and self.layer < 0:
-            raise ValueError(f"layer must be >= 0, got {self.layer}")
+            raise ConfigError(f"layer must be >= 0, got {self.layer}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .errors import MissingColumnError
+from .errors import ConfigError, MissingColumnError
 from .hooks import layer_outputs
 from .validation import positive_int
 
@@ -26,7 +26,7 @@ def as_dataset(data: Corpus, text_column: str) -> datasets.Dataset:
         return data
     texts = [data] if isinstance(data, str) else list(data)
     if not texts:
-        raise ValueError("no texts to analyse")
+        raise ConfigError("no texts to analyse")
     return datasets.Dataset.from_dict({text_column: texts})
 
 
@@ -83,9 +83,9 @@ def pad_token_ids(sequences: Sequence[Sequence[int]], pad_id: int, *, side: str 
     """``(input_ids, attention_mask)``, both ``[B, T]``, from token-id lists padded with ``pad_id`` on ``side``
     (``"left"``: every row's last real token sits at ``T - 1``, as batched generation wants)."""
     if side not in ("left", "right"):
-        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+        raise ConfigError(f"side must be 'left' or 'right', got {side!r}")
     if not sequences or not all(len(ids) for ids in sequences):
-        raise ValueError("need at least one sequence, and no empty sequence")
+        raise ConfigError("need at least one sequence, and no empty sequence")
     length = max(len(ids) for ids in sequences)
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
@@ -102,7 +102,7 @@ def chat_token_ids(tokenizer: Any, prompt: str | Sequence[dict[str, str]]) -> li
     has no chat template."""
     if not getattr(tokenizer, "chat_template", None):
         if not isinstance(prompt, str):
-            raise ValueError("the tokenizer has no chat template to format a list of messages")
+            raise ConfigError("the tokenizer has no chat template to format a list of messages")
         return tokenizer(prompt)["input_ids"]
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,

@@ -18,6 +18,7 @@ import torch
 from .calibration import calibrate_strength
 from .corpus import chat_token_ids
 from .discovery import activation_stats, contrast_features
+from .errors import ConfigError
 from .hooks import check_sae_fits, layer_outputs
 from .output_scores import logit_lens, output_scores, rank_features
 from .sae import SparseAutoencoder, fraction_of_variance_unexplained
@@ -123,7 +124,7 @@ def run_demo(model_name: str = "smollm2", sae_source: str | None = None, layer: 
         echo(f"SmolLM2-135M-Instruct with qscope's layer-{layer} SAE (explained variance on held-out text "
              f"{shipped_metrics()['metrics'][str(layer)]['explained']:.2f})")
     if layer is None:
-        raise ValueError("pass --layer with --sae")
+        raise ConfigError("pass --layer with --sae")
     sae = load_sae(sae_source, layer, model=model)
     contrast = json.loads((ASSETS / "steering_texts.json").read_text())
     return contrast_demo(model, tokenizer, sae, prompt or "Tell me about your morning.", contrast, echo=echo)

@@ -161,7 +161,7 @@ def activation_stats(model: nn.Module, tokenizer: Any, saes: SparseAutoencoder |
         raise ConfigError("no SAEs given")
     layers = [check_sae_fits(model, sae) for sae in saes]
     if len(set(layers)) != len(layers):
-        raise ValueError(f"one SAE per layer, got layers {layers}")
+        raise ConfigError(f"one SAE per layer, got layers {layers}")
     dataset = as_dataset(data, text_column)
     excluded = torch.tensor(sorted(set(exclude_tokens or ())), dtype=torch.long)
     accumulators = [_Accumulator(sae, n_contexts) for sae in saes]
@@ -233,12 +233,12 @@ def contrast_features(stats_a: FeatureStats | dict[int, FeatureStats], stats_b: 
     positive_int("top", top)
     a, b = _by_layer(stats_a), _by_layer(stats_b)
     if set(a) != set(b):
-        raise ValueError(f"the two corpora were analysed at different layers: {sorted(a)} vs {sorted(b)}")
+        raise ConfigError(f"the two corpora were analysed at different layers: {sorted(a)} vs {sorted(b)}")
     rows = []
     for layer in sorted(a):
         sa, sb = a[layer], b[layer]
         if sa.sae.d_sae != sb.sae.d_sae:
-            raise ValueError(f"layer {layer}: SAEs differ in width ({sa.sae.d_sae} vs {sb.sae.d_sae})")
+            raise ConfigError(f"layer {layer}: SAEs differ in width ({sa.sae.d_sae} vs {sb.sae.d_sae})")
         diff = (sa.rate - sb.rate) if by == "rate" else (sa.mean - sb.mean)
         for feature in diff.abs().argsort(descending=True, stable=True)[:top].tolist():
             points = 100 * float(sa.rate[feature] - sb.rate[feature])

@@ -21,23 +21,36 @@ lands before the MLP reads the residual), so other architectures are refused.
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from accelerate.utils import extract_model_from_parallel
+from peft import PeftModel
 from torch import Tensor, nn
 
-from .errors import CheckpointError, ConfigError
-from .hooks import decoder_layers, hidden_size, unwrap_model
+from .atomic import atomic_write
+from .errors import (
+    ArgumentTypeError,
+    CheckpointError,
+    ConfigError,
+    MissingFileError,
+    OutputExistsError,
+    UnsupportedError,
+)
+from .formats import non_finite_count
+from .hooks import decoder_layers, hidden_size, strip_hooks, unwrap_model
 from .steering import Steering, steering_list
 
 ARCHITECTURE = "controlvector"
+_DIRECTION = re.compile(r"^direction\.(0|[1-9][0-9]*)$")
 
 
-def _constant_vectors(steerings: Steering | Sequence[Steering], model: nn.Module | None) -> dict[int, Tensor]:
-    """Per layer, the sum of the specs' constant vectors ``[d_model]`` (fp32, CPU); refuses what is not constant."""
+def _constant_vectors(steerings: Steering | Sequence[Steering], model: nn.Module | None, *,
+                      control_vector: bool) -> dict[int, Tensor]:
+    """Per layer, the sum of the specs' constant vectors ``[d_model]`` (fp32, CPU); refuses what is not constant
+    (and, for a llama.cpp ``control_vector``, block 0)."""
     specs = steering_list(steerings)
     if not specs:
         raise ConfigError("nothing to export: pass at least one Steering spec")
@@ -52,12 +65,16 @@ def _constant_vectors(steerings: Steering | Sequence[Steering], model: nn.Module
         if spec.relative:
             raise ConfigError("relative=True strengths are measured on each prompt; export absolute strengths "
                               "(spec.scaled(norm) with relative=False, norm e.g. from discovery.residual_norm)")
-        if spec.layer == 0:
+        if spec.layer == 0 and control_vector:
             raise ConfigError("llama.cpp cannot steer block 0 (direction.0 is rejected): steer layer 1 or later")
         if model is not None:
             spec.check_fits(model)
         vector = spec.tensors(torch.float32, torch.device("cpu"))["vector"]
         vectors[spec.layer] = vectors.get(spec.layer, 0) + vector
+    for layer, vector in vectors.items():
+        if non_finite_count(vector):
+            raise ConfigError(f"the steering vector for layer {layer} has non-finite values (NaN or inf): check the "
+                              "SAE's decoder weights and the strengths")
     widths = {layer: v.numel() for layer, v in vectors.items()}
     if len(set(widths.values())) != 1:
         raise ConfigError(f"the specs have different widths per layer: {widths}")
@@ -75,12 +92,11 @@ def export_control_vector(steerings: Steering | Sequence[Steering], path: str | 
 
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists: pass overwrite=True to replace it")
-    vectors = _constant_vectors(steerings, model)
+        raise OutputExistsError(f"{path} exists: pass overwrite=True to replace it")
+    vectors = _constant_vectors(steerings, model, control_vector=True)
     config = unwrap_model(model).config.get_text_config()
-    fd, temporary = tempfile.mkstemp(suffix=".gguf", dir=path.parent if path.parent.exists() else None)
-    os.close(fd)
-    try:
+
+    def write(temporary: Path) -> None:
         writer = gguf.GGUFWriter(temporary, ARCHITECTURE)
         writer.add_string(f"{ARCHITECTURE}.model_hint", str(config.model_type))
         writer.add_uint32(f"{ARCHITECTURE}.layer_count", len(decoder_layers(model)))
@@ -90,11 +106,8 @@ def export_control_vector(steerings: Steering | Sequence[Steering], path: str | 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path
+
+    return atomic_write(path, write)
 
 
 def import_control_vector(path: str | Path) -> list[Steering]:
@@ -103,8 +116,8 @@ def import_control_vector(path: str | Path) -> list[Steering]:
     import gguf
 
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no control vector at {path}")
+    if not path.is_file():
+        raise MissingFileError(f"no control vector at {path}")
     try:
         reader = gguf.GGUFReader(path)
     except Exception as error:  # not GGUF at all, or truncated
@@ -113,37 +126,69 @@ def import_control_vector(path: str | Path) -> list[Steering]:
     architecture = field.contents() if field is not None else None
     if architecture != ARCHITECTURE:
         raise CheckpointError(f"{path} is a GGUF file of architecture {architecture!r}, not a control vector")
-    specs = []
+    specs: dict[int, Steering] = {}
     for tensor in reader.tensors:
         name = tensor.name
-        if not name.startswith("direction.") or not name.split(".", 1)[1].isdigit():
-            raise CheckpointError(f"{path}: unexpected tensor {name!r} in a control vector")
+        match = _DIRECTION.match(name)
+        if match is None:
+            raise CheckpointError(f"{path}: unexpected tensor {name!r} in a control vector (expected direction.N)")
+        layer = int(match.group(1))
+        if layer in specs:
+            raise CheckpointError(f"{path}: two tensors for layer {layer} ({name!r} and direction.{layer})")
+        shape = tuple(int(n) for n in tensor.shape if n != 1) or (1,)
+        if len(shape) != 1:
+            raise CheckpointError(f"{path}: {name} has shape {tuple(int(n) for n in tensor.shape)}; a control vector "
+                                  "holds one 1-D direction per layer")
         vector = torch.from_numpy(tensor.data.astype("float32").reshape(-1).copy())
-        specs.append(Steering.from_vector(vector, int(name.split(".", 1)[1]), 1.0, normalize=False))
+        if non_finite_count(vector) or not bool(vector.any()):
+            raise CheckpointError(f"{path}: {name} is {'all zeros' if bool(vector.isfinite().all()) else 'not finite'}"
+                                  "; a control vector's directions are finite and not all zero")
+        specs[layer] = Steering.from_vector(vector, layer, 1.0, normalize=False)
     if not specs:
         raise CheckpointError(f"{path} holds no direction.N tensor")
-    return sorted(specs, key=lambda spec: spec.layer)
+    return [specs[layer] for layer in sorted(specs)]
+
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of the HF model in ``model`` that plain ``from_pretrained`` can rebuild: PEFT adapters merged
+    into the weights (a PEFT model saves its adapters, not the base weights), no qscope hooks."""
+    outer = extract_model_from_parallel(model)
+    if isinstance(outer, PeftModel):
+        if not callable(getattr(outer.base_model, "merge_and_unload", None)):
+            raise UnsupportedError(f"cannot bake steering into a PEFT model with {type(outer.base_model).__name__} "
+                                   "adapters: they cannot be merged into the weights (LoRA-type adapters can)")
+        baked = copy.deepcopy(outer).merge_and_unload()
+    else:
+        baked = copy.deepcopy(unwrap_model(model))
+    return strip_hooks(baked)
 
 
 def bake_steering(model: nn.Module, steerings: Steering | Sequence[Steering]) -> nn.Module:
     """A copy of ``model`` that adds ``steerings`` through its MLP ``down_proj`` biases (Llama-style models with
     ``mlp_bias`` in their config); ``model`` itself is not changed. The copy ``save_pretrained``-s and loads with
-    plain ``from_pretrained``: every MLP projection gets a bias (zeros, except ``down_proj`` of steered layers)."""
+    plain ``from_pretrained``: every MLP projection gets a bias (zeros, except ``down_proj`` of steered layers).
+    A PEFT model's adapters are merged into the copy's weights; hooks of open steering blocks are not copied."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"bake_steering needs a transformers model, got {type(model).__name__}")
     inner = unwrap_model(model)
     config = inner.config.get_text_config()
-    vectors = _constant_vectors(steerings, model)
+    vectors = _constant_vectors(steerings, model, control_vector=False)
     if not hasattr(config, "mlp_bias"):
-        raise ConfigError(f"{type(inner).__name__} has no MLP bias to hold a constant vector (config.mlp_bias); an "
-                          "attention o_proj bias would act before the MLP, not at the layer output: export a control "
-                          "vector instead")
-    baked = copy.deepcopy(inner)
+        raise UnsupportedError(
+            f"{type(inner).__name__} ({config.model_type}) has no MLP bias to hold a constant vector: baking needs a "
+            "Llama-style config with mlp_bias (Qwen3, Qwen2 and Gemma have none; an attention o_proj bias would act "
+            "before the MLP, not at the layer output). Export a llama.cpp control vector instead "
+            "(export_control_vector), or steer with hooks")
+    baked = _plain_copy(model)
     layers = decoder_layers(baked)
     width = hidden_size(baked)
     for index, layer in enumerate(layers):
         mlp = getattr(layer, "mlp", None)
         projections = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
         if not all(isinstance(p, nn.Linear) for p in projections) or projections[2].out_features != width:
-            raise ConfigError(f"layer {index} of {type(inner).__name__} has no gate/up/down MLP projections")
+            found = {name: type(p).__name__ for name, p in zip(("gate_proj", "up_proj", "down_proj"), projections)}
+            raise UnsupportedError(f"layer {index} of {type(inner).__name__} has no plain gate/up/down nn.Linear MLP "
+                                   f"projections to hold a bias (found {found})")
         for projection in projections:
             if projection.bias is None:
                 weight = projection.weight

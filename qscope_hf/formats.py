@@ -36,8 +36,9 @@ import torch
 from torch import Tensor
 
 from . import hub
+from .atomic import atomic_write, atomic_write_text
 from .config import RESID_POST, SAEConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError, MissingFileError
 from .hub import LAYER_FILE as _LAYER_FILE
 from .hub import sidecar_name, weights_name
 from .releases import Release, get_release, is_release_name
@@ -78,6 +79,13 @@ def _check_tensors(tensors: dict[str, Tensor], origin: str) -> tuple[int, int]:
         if not isinstance(tensors[key], Tensor) or not tensors[key].is_floating_point():
             kind = tensors[key].dtype if isinstance(tensors[key], Tensor) else type(tensors[key]).__name__
             raise CheckpointError(f"malformed checkpoint {origin}: {key} must be a floating-point tensor, got {kind}")
+    for key in TENSOR_KEYS:
+        if tensors[key].is_meta:
+            raise CheckpointError(f"malformed checkpoint {origin}: {key} is a meta tensor (shape only, no values)")
+        bad = non_finite_count(tensors[key])
+        if bad:
+            raise CheckpointError(f"malformed checkpoint {origin}: {key} has {bad} non-finite values (NaN or inf); an "
+                                  "SAE with them selects or reconstructs garbage")
     if tensors["W_enc"].dim() != 2:
         raise CheckpointError(f"malformed checkpoint {origin}: W_enc must be 2-D, got {tuple(tensors['W_enc'].shape)}")
     d_sae, d_model = tensors["W_enc"].shape
@@ -95,6 +103,12 @@ def _check_tensors(tensors: dict[str, Tensor], origin: str) -> tuple[int, int]:
             raise CheckpointError(f"malformed checkpoint {origin}: {key} has shape {found}, expected {shape} for "
                                   f"d_model={d_model}, d_sae={d_sae}")
     return d_model, d_sae
+
+
+def non_finite_count(tensor: Tensor, chunk: int = 1 << 24) -> int:
+    """How many entries of ``tensor`` are NaN or ±inf (read in chunks, so a memory-mapped file is not copied)."""
+    flat = tensor.detach().reshape(-1)
+    return sum(int((~part.isfinite()).sum()) for part in flat.split(chunk))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -204,7 +218,7 @@ def _read_layer_file(path: Path, layer: int | None, overrides: dict[str, Any], r
                               "layer{n}.safetensors)")
     file_layer = int(match.group(1))
     if layer is not None and layer != file_layer:
-        raise ValueError(f"layer={layer} was asked for but {path} holds layer {file_layer}")
+        raise ConfigError(f"layer={layer} was asked for but {path} holds layer {file_layer}")
     tensors = _read_weights(path)
     d_model, d_sae = _check_tensors(tensors, str(path))
     sidecar = path.with_name(sidecar_name(file_layer))
@@ -226,10 +240,16 @@ def _read_layer_file(path: Path, layer: int | None, overrides: dict[str, Any], r
             raise CheckpointError(f"malformed checkpoint {path}: sidecar says {key}={meta[key]}, weights have {value}")
     meta.update({key: value for key, value in overrides.items() if value is not None})
     if "k" not in meta:
-        raise ValueError(f"k is unknown for {path}: it has no {sidecar.name} sidecar and is not a known release; "
-                         f"pass k=... (e.g. 50 for an L0_50 release)")
+        raise ConfigError(f"k is unknown for {path}: it has no {sidecar.name} sidecar and is not a known release; "
+                          f"pass k=... (e.g. 50 for an L0_50 release)")
     meta.update(d_model=d_model, d_sae=d_sae, layer=file_layer)
-    return Checkpoint(SAEConfig.from_dict(meta), tensors)
+    try:
+        return Checkpoint(SAEConfig.from_dict(meta), tensors)
+    except ConfigError as error:
+        given = ", ".join(f"{key}={value!r}" for key, value in overrides.items() if value is not None)
+        if given:
+            raise ConfigError(f"{path} with {given}: {error}") from None
+        raise CheckpointError(f"malformed checkpoint {sidecar if sidecar.exists() else path}: {error}") from None
 
 
 def _read_saelens(directory: Path, layer: int | None, overrides: dict[str, Any]) -> Checkpoint:
@@ -254,7 +274,7 @@ def _read_saelens(directory: Path, layer: int | None, overrides: dict[str, Any])
     hook_name = metadata.get("hook_name") or cfg.get("hook_name")
     file_layer = None if hook_name is None else hook_layer(hook_name, origin)
     if layer is not None and file_layer is not None and layer != file_layer:
-        raise ValueError(f"layer={layer} was asked for but {origin} reads layer {file_layer}")
+        raise ConfigError(f"layer={layer} was asked for but {origin} reads layer {file_layer}")
     meta = {"d_model": d_model, "d_sae": d_sae, "k": k, "layer": layer if file_layer is None else file_layer,
             "model_id": metadata.get("model_name") or cfg.get("model_name"), "activation": "relu_topk"}
     meta.update({key: value for key, value in overrides.items() if value is not None})
@@ -283,7 +303,7 @@ def _read_sparsify(directory: Path, layer: int | None, overrides: dict[str, Any]
     _fold_input_bias(tensors)
     file_layer = hook_layer(directory.name, origin) if _HF_LAYER.match(directory.name) else None
     if layer is not None and file_layer is not None and layer != file_layer:
-        raise ValueError(f"layer={layer} was asked for but {origin} reads layer {file_layer}")
+        raise ConfigError(f"layer={layer} was asked for but {origin} reads layer {file_layer}")
     meta = {"d_model": d_model, "d_sae": d_sae, "k": k, "layer": layer if file_layer is None else file_layer,
             "activation": "relu_topk"}
     meta.update({key: value for key, value in overrides.items() if value is not None})
@@ -312,14 +332,14 @@ def _read_local(path: Path, layer: int | None, overrides: dict[str, Any]) -> Che
     present = _layers_in(path)
     if layer is None:
         if len(present) != 1:
-            raise ValueError(f"{path} holds layers {present}: pass layer=...")
+            raise ConfigError(f"{path} holds layers {present}: pass layer=...")
         layer = present[0]
     for fmt in ("qscope", "qwen-scope"):
         candidate = path / weights_name(layer, fmt)
         if candidate.exists():
             return _read_layer_file(candidate, layer, overrides, None)
-    raise FileNotFoundError(f"{path} has no SAE for layer {layer} (looked for {weights_name(layer, 'qscope')} and "
-                            f"{weights_name(layer, 'qwen-scope')}); layers present: {present}")
+    raise MissingFileError(f"{path} has no SAE for layer {layer} (looked for {weights_name(layer, 'qscope')} and "
+                           f"{weights_name(layer, 'qwen-scope')}); layers present: {present}")
 
 
 def read(source: str | Path, layer: int | None = None, *, revision: str | None = None,
@@ -335,8 +355,8 @@ def read(source: str | Path, layer: int | None = None, *, revision: str | None =
 
 def _saelens_config(config: SAEConfig, dtype: torch.dtype) -> dict[str, Any]:
     if config.activation != "relu_topk":
-        raise ValueError("SAELens' TopK applies ReLU to the selected values; an activation='topk' SAE would change "
-                         "its outputs in SAELens format (save it as 'qscope' or 'qwen-scope')")
+        raise ConfigError("SAELens' TopK applies ReLU to the selected values; an activation='topk' SAE would change "
+                          "its outputs in SAELens format (save it as 'qscope' or 'qwen-scope')")
     hook = {} if config.layer is None else {"hook_name": f"blocks.{config.layer}.hook_resid_post",
                                            "hf_hook_name": f"model.layers.{config.layer}"}
     return {
@@ -351,41 +371,41 @@ def _saelens_config(config: SAEConfig, dtype: torch.dtype) -> dict[str, Any]:
 def write(config: SAEConfig, tensors: dict[str, Tensor], directory: str | Path, fmt: str = "qscope") -> Path:
     """Write one SAE into ``directory`` in ``fmt``; returns the weights file. Reading it back gives the same SAE."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown SAE format {fmt!r}; choose one of {FORMATS}")
+        raise ConfigError(f"unknown SAE format {fmt!r}; choose one of {FORMATS}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     plain = {key: tensors[key].detach().cpu().contiguous() for key in TENSOR_KEYS}
     if fmt == "sparsify":
         if config.activation != "relu_topk":
-            raise ValueError("sparsify's TopK applies ReLU to the selected values; an activation='topk' SAE would "
-                             "change its outputs in sparsify format (save it as 'qscope' or 'qwen-scope')")
+            raise ConfigError("sparsify's TopK applies ReLU to the selected values; an activation='topk' SAE would "
+                              "change its outputs in sparsify format (save it as 'qscope' or 'qwen-scope')")
         if config.layer is None:
-            raise ValueError("the sparsify layout names the directory by hook point: set the SAE's layer first")
+            raise ConfigError("the sparsify layout names the directory by hook point: set the SAE's layer first")
         directory = directory / f"layers.{config.layer}"
         directory.mkdir(exist_ok=True)
         coder = {"encoder.weight": plain["W_enc"], "encoder.bias": _unfold_input_bias(plain),
                  "W_dec": plain["W_dec"].T.contiguous(), "b_dec": plain["b_dec"]}
-        safetensors.torch.save_file(coder, directory / SPARSIFY_WEIGHTS)
+        atomic_write(directory / SPARSIFY_WEIGHTS, lambda path: safetensors.torch.save_file(coder, path))
         cfg = {"activation": "topk", "expansion_factor": max(1, config.d_sae // config.d_model),
                "normalize_decoder": True, "num_latents": config.d_sae, "k": config.k, "multi_topk": False,
                "skip_connection": False, "transcode": False, "d_in": config.d_model}
-        (directory / SAELENS_CONFIG).write_text(json.dumps(cfg))
+        atomic_write_text(directory / SAELENS_CONFIG, json.dumps(cfg))
         return directory / SPARSIFY_WEIGHTS
     if fmt == "saelens":
         cfg = _saelens_config(config, plain["W_enc"].dtype)
         saelens = {**plain, "W_enc": plain["W_enc"].T.contiguous(), "W_dec": plain["W_dec"].T.contiguous()}
-        safetensors.torch.save_file(saelens, directory / SAELENS_WEIGHTS)
-        (directory / SAELENS_CONFIG).write_text(json.dumps(cfg, indent=2))
+        atomic_write(directory / SAELENS_WEIGHTS, lambda path: safetensors.torch.save_file(saelens, path))
+        atomic_write_text(directory / SAELENS_CONFIG, json.dumps(cfg, indent=2))
         return directory / SAELENS_WEIGHTS
     if config.layer is None:
-        raise ValueError(f"the {fmt} layout names files by layer: set the SAE's layer before saving")
+        raise ConfigError(f"the {fmt} layout names files by layer: set the SAE's layer before saving")
     weights = directory / weights_name(config.layer, fmt)
     if fmt == "qwen-scope":
-        torch.save(plain, weights)
+        atomic_write(weights, lambda path: torch.save(plain, path))
     else:
-        safetensors.torch.save_file(plain, weights, metadata={"format": "qscope"})
+        atomic_write(weights, lambda path: safetensors.torch.save_file(plain, path, metadata={"format": "qscope"}))
     sidecar = {"format": fmt, "weights": weights.name, **config.to_dict()}
-    (directory / sidecar_name(config.layer)).write_text(json.dumps(sidecar, indent=2))
+    atomic_write_text(directory / sidecar_name(config.layer), json.dumps(sidecar, indent=2))
     return weights
 
 

@@ -7,13 +7,26 @@ norm's output. A decoder layer returns a tensor or a tuple whose first item is t
 the transformers version; both are handled.
 
 Hooks are registered on model *instances* (never on classes) and always removed when their context exits,
-exceptions included.
+exceptions included. They act only on the forwards run by the code inside their block: a ``contextvars.ContextVar``
+names the hook blocks active in the current thread (or asyncio task), so another thread that runs the same model at
+the same time, steered differently or not at all, is not affected.
+
+``torch.compile`` does not see forward hooks added after a module was compiled (Dynamo does not guard on them), so
+while a hook block is open on a compiled model (``torch.compile(model)``, ``model.compile()`` or a compiled decoder
+layer), the forwards run inside that block call the eager module: they are edited, and every other caller keeps
+the compiled graph. Hooks that exist when Dynamo traces read the ``ContextVar``, which Dynamo does not trace, so
+they run eagerly there too and never go stale.
+
+A copy of a model made inside a hook block (``copy.deepcopy``, pickling) does not carry the block's hooks: the
+copied hook is inert and removes itself at its first call (:func:`strip_hooks` removes it at once).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -21,7 +34,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from .errors import ConfigError, LayerError
+from .errors import ConfigError, LayerError, UnsupportedError
 
 LayerEdit = Callable[[Tensor], Tensor | None]
 
@@ -67,8 +80,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for layers in candidates:
         if isinstance(layers, nn.ModuleList) and len(layers):
             return layers
-    raise TypeError(f"cannot find the decoder layers of {type(inner).__name__}: tried get_decoder().layers and "
-                    f"{', '.join(_LAYER_PATHS)}")
+    raise UnsupportedError(f"cannot find the decoder layers of {type(inner).__name__}: tried get_decoder().layers and "
+                           f"{', '.join(_LAYER_PATHS)}")
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -94,7 +107,7 @@ def check_sae_fits(model: nn.Module, sae: nn.Module, layer: int | None = None) -
     """Check that ``sae`` can read ``layer`` of ``model`` (default: the SAE's own layer); return the layer."""
     layer = sae.layer if layer is None else layer
     if layer is None:
-        raise ValueError("the SAE has no layer: pass layer=... to say which decoder layer it reads")
+        raise ConfigError("the SAE has no layer: pass layer=... to say which decoder layer it reads")
     check_layer(model, layer)
     width = hidden_size(model)
     if sae.d_model != width:
@@ -112,32 +125,132 @@ def replace_hidden(output: Tensor | tuple, hidden: Tensor) -> Tensor | tuple:
     return hidden if isinstance(output, Tensor) else (hidden, *output[1:])
 
 
+#: The hook blocks active in the current thread / asyncio task (one token object per block).
+_ACTIVE: ContextVar[frozenset[object]] = ContextVar("qscope_active_hook_blocks", default=frozenset())
+_SWAP_LOCK = threading.Lock()
+
+
+class _LayerHook:
+    """A forward hook that applies ``edit`` to ``layer``'s output in the forwards of its block only.
+
+    Deep copies and pickles of it are inert (a copied model must not carry a block's hooks); an inert hook removes
+    itself from the module it is called on.
+    """
+
+    def __init__(self, edit: LayerEdit | None, block: object | None, layer: nn.Module | None) -> None:
+        self.edit, self.block, self.layer = edit, block, layer
+
+    def __call__(self, module: nn.Module, _inputs: Any, output: Tensor | tuple) -> Tensor | tuple | None:
+        if module is not self.layer:  # a copy's hook: drop it (the hook dict is iterated from a snapshot)
+            for key, hook in list(module._forward_hooks.items()):
+                if hook is self:
+                    del module._forward_hooks[key]
+            return None
+        if self.block not in _ACTIVE.get():
+            return None
+        new = self.edit(layer_hidden(output))
+        return None if new is None else replace_hidden(output, new)
+
+    def __deepcopy__(self, memo: dict) -> _LayerHook:
+        return _LayerHook(None, None, None)
+
+    def __reduce__(self) -> tuple:
+        return _LayerHook, (None, None, None)
+
+
+def strip_hooks(model: nn.Module) -> nn.Module:
+    """Remove every qscope layer hook from ``model``'s modules (for a copy made inside a hook block); returns it."""
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if isinstance(hook, _LayerHook):
+                del module._forward_hooks[key]
+    return model
+
+
+class _EagerInBlocks:
+    """Stands in for a compiled callable: a call made inside a hook block runs ``eager`` (so the block's hooks
+    run), any other call the compiled one. ``users`` counts the open blocks that installed it."""
+
+    def __init__(self, compiled: Callable, eager: Callable) -> None:
+        self.compiled, self.eager, self.users = compiled, eager, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return (self.eager if _ACTIVE.get() else self.compiled)(*args, **kwargs)
+
+
+def _compiled_around(model: nn.Module, layers: list[nn.Module]) -> list[tuple[nn.Module, str, Callable]]:
+    """``(module, attribute, eager callable)`` for each compiled module whose compiled graph contains one of
+    ``layers`` (the layer itself or an ancestor): ``torch.compile(m)`` wrappers and ``m.compile()``-d modules."""
+    found = []
+    targets = {id(layer) for layer in layers}
+    for module in model.modules():
+        if isinstance(module, torch._dynamo.eval_frame.OptimizedModule) and "forward" in module.__dict__:
+            attribute, eager = "forward", module._orig_mod.__call__
+        elif getattr(module, "_compiled_call_impl", None) is not None:
+            attribute, eager = "_compiled_call_impl", module._call_impl
+        else:
+            continue
+        if any(id(inner) in targets for inner in module.modules()):
+            found.append((module, attribute, eager))
+    return found
+
+
+@contextmanager
+def _eager_in_blocks(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
+    """While open, calls made inside hook blocks skip the compiled graphs that contain ``layers``."""
+    swapped = []
+    with _SWAP_LOCK:
+        for module, attribute, eager in _compiled_around(model, layers):
+            current = getattr(module, attribute)
+            if not isinstance(current, _EagerInBlocks):
+                current = _EagerInBlocks(current, eager)
+                setattr(module, attribute, current)
+            current.users += 1
+            swapped.append((module, attribute, current))
+    try:
+        yield
+    finally:
+        with _SWAP_LOCK:
+            for module, attribute, current in swapped:
+                current.users -= 1
+                if not current.users:
+                    setattr(module, attribute, current.compiled)
+
+
+@contextmanager
+def _active_block() -> Iterator[object]:
+    """Mark a new hook block active in this context for the duration of the ``with``; yields its token."""
+    block = object()
+    _ACTIVE.set(_ACTIVE.get() | {block})
+    try:
+        yield block
+    finally:  # not ContextVar.reset: blocks of one context may close in any order
+        _ACTIVE.set(_ACTIVE.get() - {block})
+
+
 @contextmanager
 def hook_layers(model: nn.Module, edits: Mapping[int, LayerEdit]) -> Iterator[None]:
-    """Call ``edits[n](hidden)`` on the output of each decoder layer ``n`` during every forward in the block.
+    """Call ``edits[n](hidden)`` on the output of each decoder layer ``n`` during every forward run inside the
+    block (in this thread or asyncio task; other threads' forwards are not edited).
 
     ``hidden`` is ``[B, T, d]``; a returned tensor replaces the layer's output, ``None`` leaves it unchanged.
-    All hooks are removed on exit, also when the block raises.
+    All hooks are removed on exit, also when the block raises. On a compiled model the block's forwards run the
+    eager module (see the module docstring).
     """
     layers = decoder_layers(model)
     for layer in edits:
         check_layer(model, layer)
     handles = []
-
-    def make_hook(edit: LayerEdit) -> Callable:
-        def hook(_module: nn.Module, _inputs: Any, output: Tensor | tuple) -> Tensor | tuple | None:
-            new = edit(layer_hidden(output))
-            return None if new is None else replace_hidden(output, new)
-
-        return hook
-
-    try:
-        for layer, edit in edits.items():
-            handles.append(layers[layer].register_forward_hook(make_hook(edit)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    with ExitStack() as stack:
+        block = stack.enter_context(_active_block())
+        stack.enter_context(_eager_in_blocks(model, [layers[layer] for layer in edits]))
+        try:
+            for layer, edit in edits.items():
+                handles.append(layers[layer].register_forward_hook(_LayerHook(edit, block, layers[layer])))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 class _StopForward(Exception):
@@ -178,8 +291,8 @@ def add_to_layers(model: nn.Module, vectors: Mapping[int, Tensor]) -> Iterator[N
     width = hidden_size(model)
     for layer, vector in vectors.items():
         if vector.shape[-1] != width:
-            raise ValueError(f"vector for layer {layer} has size {vector.shape[-1]}, "
-                             f"the model's hidden size is {width}")
+            raise ConfigError(f"vector for layer {layer} has size {vector.shape[-1]}, "
+                              f"the model's hidden size is {width}")
 
     def adder(vector: Tensor) -> LayerEdit:
         return lambda hidden: hidden + vector.to(device=hidden.device, dtype=hidden.dtype)

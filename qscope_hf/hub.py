@@ -17,7 +17,7 @@ from pathlib import Path
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError, MissingFileError
 from .releases import Release, get_release, is_release_name
 
 LAYER_FILE = re.compile(r"^layer(\d+)\.(sae\.pt|safetensors)$")
@@ -36,16 +36,16 @@ def download(repo_id: str, filename: str, *, revision: str | None = None, cache_
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
     except LocalEntryNotFoundError:
-        raise OSError(
+        raise MissingFileError(
             f"cannot fetch {filename!r} from {repo_id!r}: the hub is unreachable (offline, or HF_HUB_OFFLINE=1) and "
             f"the file is not in the local cache. Download it where the hub is reachable "
             f"(hf download {repo_id} {filename} --local-dir DIR) and load the local copy instead: "
             f"SparseAutoencoder.from_pretrained('DIR', layer=...)"
         ) from None
     except EntryNotFoundError:
-        raise FileNotFoundError(f"hub repo {repo_id!r} has no file {filename!r}") from None
+        raise MissingFileError(f"hub repo {repo_id!r} has no file {filename!r}") from None
     except RepositoryNotFoundError:
-        raise FileNotFoundError(f"hub repo {repo_id!r} does not exist (or is private)") from None
+        raise MissingFileError(f"hub repo {repo_id!r} does not exist (or is private)") from None
 
 
 def resolve(source: str | Path, layer: int | None, *, revision: str | None = None,
@@ -60,11 +60,11 @@ def resolve(source: str | Path, layer: int | None, *, revision: str | None = Non
     if is_release_name(name):
         release = get_release(name)
         if layer is None:
-            raise ValueError(f"{name} has one SAE per layer (0..{release.num_layers - 1}): pass layer=...")
+            raise ConfigError(f"{name} has one SAE per layer (0..{release.num_layers - 1}): pass layer=...")
         return download(name, release.layer_file(layer), revision=revision, cache_dir=cache_dir), release
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         if layer is None:
-            raise ValueError(f"pass layer=... to load an SAE from hub repo {name!r}")
+            raise ConfigError(f"pass layer=... to load an SAE from hub repo {name!r}")
         sidecar = download(name, sidecar_name(layer), revision=revision, cache_dir=cache_dir)
         try:
             weights = json.loads(sidecar.read_text()).get("weights", weights_name(layer, "qscope"))
@@ -74,4 +74,4 @@ def resolve(source: str | Path, layer: int | None, *, revision: str | None = Non
         if file.parent != sidecar.parent:
             raise CheckpointError(f"hub repo {name!r}: {weights} and {sidecar.name} resolved to different snapshots")
         return file, None
-    raise FileNotFoundError(f"SAE source {name!r} is neither an existing path nor a hub repo id")
+    raise MissingFileError(f"SAE source {name!r} is neither an existing path nor a hub repo id")

@@ -105,7 +105,7 @@ def _language_subsets(data: datasets.Dataset, language_column: str) -> dict[str,
                                  f"{data.column_names})")
     languages = sorted(set(data[language_column]))
     if len(languages) < 2:
-        raise ValueError(f"need texts in at least two languages, got {languages}")
+        raise ConfigError(f"need texts in at least two languages, got {languages}")
     return {lang: data.filter(lambda row, lang=lang: row[language_column] == lang) for lang in languages}
 
 
@@ -146,7 +146,7 @@ def estimate_language_baselines(model: nn.Module, tokenizer: Any, saes: SparseAu
         raise ConfigError(f"features must name at least one feature per layer, got {features!r}")
     for layer in features:
         if layer not in saes:
-            raise ValueError(f"no SAE given for layer {layer} (SAEs for layers {sorted(saes)})")
+            raise ConfigError(f"no SAE given for layer {layer} (SAEs for layers {sorted(saes)})")
         check_sae_fits(model, saes[layer])
     readers = {layer: saes[layer].feature_reader(sorted(set(fs))) for layer, fs in features.items()}
     dataset = as_dataset(data, text_column)

@@ -9,7 +9,7 @@ import datasets
 import torch
 from torch import nn
 
-from .errors import MissingColumnError
+from .errors import ConfigError, MissingColumnError, MissingFileError
 from .sae import SparseAutoencoder
 
 TINY = "tiny"
@@ -31,8 +31,15 @@ def load_model(name: str, *, dtype: torch.dtype | None = None, device: str | Non
         return load_smollm2(dtype or torch.float32)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", device_map=device)
+    if not Path(name).exists() and (name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1):
+        raise MissingFileError(f"no model directory {name!r} (and it is not a hub id such as 'org/name'); 'tiny' "
+                               f"and 'smollm2' are built in")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", device_map=device)
+    except (OSError, ValueError) as error:  # transformers' "not a local folder and not a valid model identifier"
+        where = "the local directory" if Path(name).exists() else "the hub repo"
+        raise MissingFileError(f"cannot load a model from {where} {name!r}: {str(error).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -65,21 +72,32 @@ def load_texts(path: str | Path, text_column: str = "text") -> datasets.Dataset:
     ``.json``/``.jsonl``/``.csv``/``.parquet`` file, or a directory saved by ``Dataset.save_to_disk``."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no corpus at {path}")
+        raise MissingFileError(f"no corpus at {path}")
     if path.is_file() and not path.read_text(encoding="utf-8", errors="replace").strip():
-        raise ValueError(f"{path}: the corpus is empty")
+        raise ConfigError(f"{path}: the corpus is empty")
+    if path.is_file() and path.suffix != ".parquet":
+        try:
+            path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {error.start} cannot be decoded): a corpus file is "
+                              f"text (.txt, .json, .jsonl, .csv) or .parquet") from None
     if path.is_dir():
         data = datasets.load_from_disk(str(path))
     elif path.suffix == ".txt":
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         data = datasets.Dataset.from_dict({text_column: lines})
     elif path.suffix in _FORMATS:
-        data = datasets.load_dataset(_FORMATS[path.suffix], data_files=str(path), split="train")
+        try:
+            data = datasets.load_dataset(_FORMATS[path.suffix], data_files=str(path), split="train")
+        except Exception as error:  # datasets' DatasetGenerationError wraps the parser's message
+            cause = error.__cause__ or error
+            raise ConfigError(f"{path} cannot be read as {path.suffix.lstrip('.')}: "
+                              f"{str(cause).splitlines()[0] if str(cause) else type(cause).__name__}") from None
     else:
-        raise ValueError(f"unsupported corpus file {path.name}: use .txt, .json, .jsonl, .csv, .parquet or a "
-                         "saved dataset directory")
+        raise ConfigError(f"unsupported corpus file {path.name}: use .txt, .json, .jsonl, .csv, .parquet or a "
+                          "saved dataset directory")
     if text_column not in data.column_names:
         raise MissingColumnError(f"{path}: no text column {text_column!r} (columns: {data.column_names})")
     if not len(data):
-        raise ValueError(f"{path}: the corpus is empty")
+        raise ConfigError(f"{path}: the corpus is empty")
     return data

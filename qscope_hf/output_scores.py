@@ -32,9 +32,10 @@ from tqdm.auto import tqdm
 
 from .corpus import pad_token_ids
 from .discovery import ContrastRow
+from .errors import ConfigError, UnsupportedError
 from .hooks import check_sae_fits, decoder_layers, hook_layers, layer_hidden, unwrap_model
 from .sae import Features, SparseAutoencoder
-from .validation import finite, positive_int
+from .validation import finite, integer_ids, positive_int
 
 #: Neutral prompts whose next token a steered feature should move (Arad et al. use "From my experience,").
 NEUTRAL_PROMPTS = ("In my experience,", "From my experience,", "I think that", "Here is what happened:",
@@ -66,7 +67,7 @@ def unembedding(model: nn.Module) -> Unembedding:
     inner = unwrap_model(model)
     head = inner.get_output_embeddings()
     if head is None:
-        raise TypeError(f"{type(inner).__name__} has no output embeddings (LM head)")
+        raise UnsupportedError(f"{type(inner).__name__} has no output embeddings (LM head)")
     layers = decoder_layers(model)
     decoder = inner.get_decoder()
     candidates = [m for m in decoder.children() if m is not layers and not isinstance(m, nn.Embedding)]
@@ -89,8 +90,8 @@ def unembedding(model: nn.Module) -> Unembedding:
             return Unembedding(module, head)
     if h.shape == x.shape and torch.allclose(h, x):
         return Unembedding(None, head)
-    raise TypeError(f"cannot find the final norm of {type(inner).__name__}: no direct submodule of its decoder maps "
-                    "the last layer's output to the LM head's input")
+    raise UnsupportedError(f"cannot find the final norm of {type(inner).__name__}: no direct submodule of its decoder "
+                           "maps the last layer's output to the LM head's input")
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class LogitLens:
 def _feature_index(sae: SparseAutoencoder, features: Features | None) -> Tensor:
     index = sae.feature_index(range(sae.d_sae) if features is None else features)
     if not index.numel():
-        raise ValueError("no features to score: pass at least one feature id (or None for all)")
+        raise ConfigError("no features to score: pass at least one feature id (or None for all)")
     return index
 
 
@@ -144,15 +145,15 @@ def target_vocabulary(tokenizer: Any, texts: Sequence[str], usual: Tensor, *, si
     positive_int("size", size)
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts or not any(t.strip() for t in texts):
-        raise ValueError("the target texts are empty")
+        raise ConfigError("the target texts are empty")
     special = set(getattr(tokenizer, "all_special_ids", []))
     counts = Counter(t for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for t in ids
                      if t not in special)
     total = sum(counts.values())
     kept = [t for t, n in counts.most_common() if n >= min_count and t < len(usual) and n / total >= ratio * usual[t]]
     if not kept:
-        raise ValueError(f"no token of the target texts is {ratio} x more frequent there than in the model's usual "
-                         f"output (with at least {min_count} occurrences): pass more or longer target texts")
+        raise ConfigError(f"no token of the target texts is {ratio} x more frequent there than in the model's usual "
+                          f"output (with at least {min_count} occurrences): pass more or longer target texts")
     return torch.tensor(kept[:size], dtype=torch.long)
 
 
@@ -199,10 +200,12 @@ def output_scores(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, feat
     layer = check_sae_fits(model, sae)
     index = _feature_index(sae, features)
     positive_int("batch_size", batch_size)
+    positive_int("lens_tokens", lens_tokens)
+    positive_int("vocabulary_size", vocabulary_size)
     finite("amplify", amplify, positive=True)
     prompts = list(NEUTRAL_PROMPTS if prompts is None else prompts)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty strings")
+        raise ConfigError("prompts must be a non-empty list of non-empty strings")
     inner = unwrap_model(model)
     device = next(inner.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -223,10 +226,11 @@ def output_scores(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, feat
         base_scores = torch.stack([torch.cat([_arad_score(row.expand(len(chunk), -1), chunk) for chunk in
                                               lens.split(512)]) for row in base]).mean(0)  # [F]
     else:
-        if isinstance(target, Tensor) or (len(target) and isinstance(target[0], int)):
-            vocabulary = torch.as_tensor(target, dtype=torch.long).reshape(-1).unique()
-            if not vocabulary.numel() or int(vocabulary.min()) < 0 or int(vocabulary.max()) >= base.shape[-1]:
-                raise ValueError(f"target token ids must be non-empty and in [0, {base.shape[-1]})")
+        target = [target] if isinstance(target, str) else target
+        if not all(isinstance(text, str) for text in target):  # token ids
+            vocabulary = integer_ids("target token", target, base.shape[-1], error=ConfigError).unique()
+            if not vocabulary.numel():
+                raise ConfigError("target token ids are empty")
         else:
             vocabulary = target_vocabulary(tokenizer, target, probs[mask.bool()].mean(0).cpu(), size=vocabulary_size)
         vocabulary = vocabulary.to(device)
@@ -278,13 +282,13 @@ def rank_features(contrast: Iterable[ContrastRow] | None = None, output: OutputS
     (rate difference > 0) and have a positive output score, ordered by output score (Arad et al.'s recommendation:
     filter input-selected features by their output score)."""
     if by not in RANKINGS:
-        raise ValueError(f"by must be one of {RANKINGS}, got {by!r}")
+        raise ConfigError(f"by must be one of {RANKINGS}, got {by!r}")
     positive_int("top", top)
     rows = list(contrast or [])
     if by in ("input", "both") and not rows:
-        raise ValueError(f"by={by!r} needs contrast rows (from contrast_features)")
+        raise ConfigError(f"by={by!r} needs contrast rows (from contrast_features)")
     if by in ("output", "both") and output is None:
-        raise ValueError(f"by={by!r} needs output scores (from output_scores)")
+        raise ConfigError(f"by={by!r} needs output scores (from output_scores)")
     out = output.as_dict() if output is not None else {}
     if output is not None:
         rows = [r for r in rows if r.layer == output.layer]

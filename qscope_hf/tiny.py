@@ -29,6 +29,7 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from .errors import ConfigError
 from .sae import SparseAutoencoder
 
 FAMILIES = ("qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_moe", "qwen3_5_vl", "llama")
@@ -83,7 +84,7 @@ def tiny_config(family: str = "qwen3", *, num_layers: int = 4, hidden_size: int 
         return Qwen3_5Config(text_config=Qwen3_5TextConfig(**common, **linear).to_dict(), vision_config=vision)
     if family == "llama":
         return LlamaConfig(**common)
-    raise ValueError(f"unknown tiny model family {family!r}; choose one of {FAMILIES}")
+    raise ConfigError(f"unknown tiny model family {family!r}; choose one of {FAMILIES}")
 
 
 _CLASSES = {

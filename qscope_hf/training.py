@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .errors import ConfigError
+from .errors import ConfigError, MissingFileError
 from .hooks import check_layer, hidden_size, hook_layers, layer_outputs
 from .sae import SparseAutoencoder
 from .validation import finite, positive_int
@@ -200,7 +200,7 @@ class SAETrainer:
                     if not buffer.full:
                         buffer.pending.append(self._activations(self._texts(data)))
                     if self.texts_consumed - texts_before > 2 * len(data) and buffer.count == 0:
-                        raise ValueError("the training texts yield no tokens (all empty, or filtered out)")
+                        raise ConfigError("the training texts yield no tokens (all empty, or filtered out)")
                 order = torch.randperm(buffer.count, generator=self.shuffle)
                 buffer.store[:] = buffer.store[order]
                 halves = buffer.count // 2 // config.batch_tokens
@@ -248,7 +248,7 @@ class SAETrainer:
         out = Path(out_dir) if out_dir is not None else None
         if resume:
             if out is None or not (out / CHECKPOINT).exists():
-                raise FileNotFoundError(f"nothing to resume: no {CHECKPOINT} in {out}")
+                raise MissingFileError(f"nothing to resume: no {CHECKPOINT} in {out}")
             self.load_checkpoint(out / CHECKPOINT)
         config = self.config
         bar = tqdm(total=config.total_tokens, initial=self.tokens, unit="tok", desc="train SAEs",
@@ -269,7 +269,7 @@ class SAETrainer:
         """Train on cached activations ``[N, len(layers), d_model]`` (reshuffled every epoch) instead of text."""
         expected = (len(self.config.layers), self.d_model)
         if activations.dim() != 3 or tuple(activations.shape[1:]) != expected:
-            raise ValueError(f"activations must be [N, {expected[0]}, {expected[1]}], got {tuple(activations.shape)}")
+            raise ConfigError(f"activations must be [N, {expected[0]}, {expected[1]}], got {tuple(activations.shape)}")
         batch = self.config.batch_tokens
         bar = tqdm(total=epochs * (len(activations) // batch) * batch, unit="tok", desc="train SAEs",
                    disable=not progress)

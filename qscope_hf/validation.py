@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .errors import ConfigError
+import torch
+from torch import Tensor
+
+from .errors import ArgumentTypeError, ConfigError, FeatureIndexError
 
 
 def positive_int(name: str, value: Any) -> int:
@@ -39,3 +42,22 @@ def fraction(name: str, value: Any) -> float:
     if not 0 < value < 1:
         raise ConfigError(f"{name} must be a fraction in (0, 1), got {value!r}")
     return value
+
+
+def integer_ids(kind: str, ids: Any, size: int, *, of: str = "",
+                error: type[Exception] = FeatureIndexError) -> Tensor:
+    """``ids`` (an int, a sequence, a range, a numpy array or a tensor of integers) as a 1-D int64 CPU tensor.
+    Non-integers are an :class:`ArgumentTypeError` (a float id is never truncated), an id outside ``[0, size)`` an
+    ``error``; messages read "``{kind}`` ids must be integers" / "``{kind}`` index i is out of range [0, size)
+    ``{of}``"."""
+    try:
+        raw = torch.as_tensor(list(ids) if isinstance(ids, range) else ids)
+    except (TypeError, ValueError, RuntimeError):
+        raise ArgumentTypeError(f"{kind} ids must be integers, got {ids!r}") from None
+    if raw.numel() and (raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool):
+        raise ArgumentTypeError(f"{kind} ids must be integers, got {ids!r}")
+    index = raw.to(torch.long).reshape(-1).cpu()
+    bad = index[(index < 0) | (index >= size)]
+    if bad.numel():
+        raise error(f"{kind} index {bad[0].item()} is out of range [0, {size}){of}")
+    return index

@@ -38,10 +38,12 @@ from .errors import ConfigError
 from .hooks import add_to_layers, check_layer, check_sae_fits, unwrap_model
 from .sae import Features, SparseAutoencoder
 from .steering import Steering
-from .validation import finite, fraction, positive_int
+from .validation import finite, fraction, integer_ids, positive_int
 
 #: Ridge penalties tried, in units of the mean eigenvalue of the training vectors' covariance.
 RIDGE_PENALTIES = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+#: The fewest vectors the held-out R² is measured on, and the fewest the ridge penalty is picked from.
+MIN_HELD_OUT = 8
 
 
 @torch.no_grad()
@@ -59,7 +61,7 @@ def diff_means_vector(model: nn.Module, tokenizer: Any, texts_a: Corpus, texts_b
             total = total + batch.hidden[layer][counted].double().sum(0).cpu()
             count += int(counted.sum())
         if not count:
-            raise ValueError("the texts have no tokens after their first")
+            raise ConfigError("the texts have no tokens after their first")
         return total / count
 
     return (mean(texts_a) - mean(texts_b)).float()
@@ -88,21 +90,26 @@ def targeted_vector(approximator: EffectApproximator, features: Features,
     (one-hot on ``features``, or ``weights`` on them) and ``Wb`` the direction of the generic steering effect.
     ``[d_model]``; steer with ``Steering.from_vector(s, approximator.layer, strength)``."""
     d_sae = approximator.weight.shape[1]
-    index = torch.as_tensor(features, dtype=torch.long).reshape(-1)
-    if not index.numel() or int(index.min()) < 0 or int(index.max()) >= d_sae:
-        raise IndexError(f"target features must be non-empty ids in [0, {d_sae})")
+    index = integer_ids("target feature", features, d_sae)
+    if not index.numel():
+        raise ConfigError("targeted_vector needs at least one target feature")
     target = torch.zeros(d_sae)
     values = torch.ones(len(index)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
-    if values.shape != index.shape or not bool(values.isfinite().all()):
-        raise ValueError(f"need one finite weight per target feature, got {weights!r}")
+    if values.shape != index.shape or not bool(values.isfinite().all()) or not bool(values.any()):
+        raise ConfigError(f"need one finite weight per target feature, not all zero, got {weights!r}")
     target.index_add_(0, index, values)
     towards = approximator.weight @ target
     generic = approximator.weight @ approximator.bias
     if not bool(towards.any()) or not bool(generic.any()):
-        raise ValueError(f"features {index.tolist()} have no measured effect (they never fire in the texts the "
-                         "approximator's token profiles came from): fit it with profile texts of that concept")
+        raise ConfigError(f"features {index.tolist()} have no measured effect (they never fire in the texts the "
+                          "approximator's token profiles came from): fit it with profile texts of that concept")
     vector = towards / towards.norm() - generic / generic.norm()
-    return vector / vector.norm()
+    norm = vector.norm()
+    if not bool(norm.isfinite()) or float(norm) < 1e-6:
+        raise ConfigError(f"the target effect of features {index.tolist()} (weights {weights!r}) points along the "
+                          "generic steering effect, so the targeted vector is undefined: choose other features or "
+                          "weights")
+    return vector / norm
 
 
 def _per_vector_logits(model: nn.Module, inputs: dict[str, Tensor], layer: int, vectors: Tensor,
@@ -174,8 +181,8 @@ def _probe_strength(model: nn.Module, tokenizer: Any, directions: Tensor, layer:
                                       max_ce_increase=ce_increase, steps=4, max_length=max_length).strength
         except ValueError:
             continue
-    raise ValueError(f"none of {tries} sampled directions raises the CE on the texts by {ce_increase} nats: "
-                     "lower ce_increase")
+    raise ConfigError(f"none of {tries} sampled directions raises the CE on the texts by {ce_increase} nats: "
+                      "lower ce_increase")
 
 
 def fit_effect_approximator(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder,
@@ -197,9 +204,12 @@ def fit_effect_approximator(model: nn.Module, tokenizer: Any, sae: SparseAutoenc
     started = time.perf_counter()
     for name, value in (("n_vectors", n_vectors), ("batch_size", batch_size), ("max_length", max_length)):
         positive_int(name, value)
-    if not 2 <= n_vectors <= sae.d_sae:
-        raise ConfigError(f"n_vectors={n_vectors} must be in [2, d_sae={sae.d_sae}]")
     fraction("held_out", held_out)
+    n_test = max(MIN_HELD_OUT, round(held_out * n_vectors))
+    if not n_test + MIN_HELD_OUT <= n_vectors <= sae.d_sae:
+        raise ConfigError(f"n_vectors={n_vectors} must be in [{n_test + MIN_HELD_OUT}, d_sae={sae.d_sae}]: the "
+                          f"held-out R² needs at least {MIN_HELD_OUT} held-out vectors ({n_test} with held_out="
+                          f"{held_out}) and at least {MIN_HELD_OUT} to fit on")
     finite("ce_increase", ce_increase, positive=True)
     device = next(unwrap_model(model).parameters()).device
     inputs = _token_batches(tokenizer, texts, len(texts), max_length, device)[0]
@@ -207,7 +217,9 @@ def fit_effect_approximator(model: nn.Module, tokenizer: Any, sae: SparseAutoenc
     tokens, profiles = token_profiles(model, tokenizer, sae, list(texts) + list(extra), max_length=max_length)
 
     generator = torch.Generator().manual_seed(seed)
-    chosen = [] if include is None else sae.feature_index(include).cpu().tolist()
+    chosen = [] if include is None else sorted(set(sae.feature_index(include).cpu().tolist()))
+    if len(chosen) > n_vectors:
+        raise ConfigError(f"include lists {len(chosen)} features but only n_vectors={n_vectors} are sampled")
     rest = [f for f in torch.randperm(sae.d_sae, generator=generator).tolist() if f not in set(chosen)]
     features = (chosen + rest)[:n_vectors]
     directions = sae.feature_directions(features).detach().float().cpu()
@@ -241,7 +253,6 @@ def fit_effect_approximator(model: nn.Module, tokenizer: Any, sae: SparseAutoenc
     effects = torch.cat(effects)
 
     order = torch.randperm(n_vectors, generator=generator)
-    n_test = max(1, round(held_out * n_vectors))
     test, train = order[:n_test], order[n_test:]
     scale = float((vectors[train] - vectors[train].mean(0)).pow(2).sum()) / vectors.shape[1]  # mean eigenvalue
     best = max((_r2(vectors[test], effects[test], *_ridge(vectors[train], effects[train], ridge * scale)), ridge)

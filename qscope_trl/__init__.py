@@ -7,6 +7,10 @@
 - :class:`SteeredNegativeRollouts`: one SAE-steered negative rollout per GRPO group (paper §8).
 """
 
+from qscope_hf.compat import check_trl
+
+check_trl()  # before importing the adapters, which subclass and read TRL internals
+
 from qscope_hf.languages import LanguageBaselines, LanguageFeatures, estimate_language_baselines, language_features
 from qscope_hf.repetition import repetition_features
 

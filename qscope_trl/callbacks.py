@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from qscope_hf.errors import ConfigError
+from qscope_hf.errors import ArgumentTypeError, ConfigError, UnsupportedError
 from qscope_hf.hooks import check_sae_fits, decoder_layers, layer_hidden, layer_outputs, unwrap_model
 from qscope_hf.sae import SparseAutoencoder
 from qscope_hf.validation import finite, positive_int
@@ -82,6 +82,13 @@ class SAEFeatureMonitorCallback(TrainerCallback):
         saes = [saes] if isinstance(saes, SparseAutoencoder) else list(saes)
         if not saes:
             raise ConfigError("SAEFeatureMonitorCallback needs at least one SAE")
+        for sae in saes:
+            if not isinstance(sae, SparseAutoencoder):
+                raise ArgumentTypeError(f"SAEFeatureMonitorCallback takes SparseAutoencoders, got {type(sae).__name__}")
+        layers = [sae.layer for sae in saes]
+        if None in layers or len(set(layers)) != len(layers):
+            raise ConfigError(f"give one SAE per layer, each with its layer set (got layers {layers}); to watch two "
+                              "SAEs of one layer, add one monitor per SAE with different prefix= values")
         self.saes = {sae.layer: sae for sae in saes}
         if not (isinstance(features, Mapping) and features and all(isinstance(k, int) for k in features)):
             if len(saes) != 1:
@@ -93,8 +100,10 @@ class SAEFeatureMonitorCallback(TrainerCallback):
         self.labels: dict[int, list[str]] = {}
         ids: dict[int, list[int]] = {}
         for layer, chosen in features.items():
-            named = dict(chosen) if isinstance(chosen, Mapping) else {f"f{int(f)}": f for f in chosen}
-            self.labels[layer], ids[layer] = list(named), list(named.values())
+            named = dict(chosen) if isinstance(chosen, Mapping) else {None: chosen}
+            index = self.saes[layer].feature_index(list(named.values()) if None not in named else chosen).tolist()
+            self.labels[layer] = list(named) if None not in named else [f"f{f}" for f in index]
+            ids[layer] = index
         self.readers = {layer: self.saes[layer].feature_reader(chosen) for layer, chosen in ids.items()}
         self.features = {layer: reader.features for layer, reader in self.readers.items()}
         empty = [layer for layer, index in self.features.items() if not index.numel()]
@@ -206,6 +215,12 @@ class SAEFeatureMonitorCallback(TrainerCallback):
         self.close()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        if self._handles and isinstance(self.tokens, float):  # a step ran, and no training forward reached the hooks
+            raise UnsupportedError(
+                "SAEFeatureMonitorCallback saw no training forward in this step: its hooks did not run. This happens "
+                "when the model was compiled and called before the monitor added its hooks (torch.compile does not "
+                "see hooks added after its first call). Attach the monitor before the model's first compiled call "
+                "(e.g. TrainingArguments(torch_compile=True) compiles at train()), or call torch._dynamo.reset()")
         if self.log_every is not None and state.global_step % self.log_every == 0:
             control.should_log = True
         return control

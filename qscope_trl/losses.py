@@ -33,12 +33,12 @@ from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from trl import GRPOTrainer
+from trl import GRPOTrainer, SFTTrainer
 
 from qscope_hf.classes import add_mixin
-from qscope_hf.errors import ConfigError, MissingColumnError
+from qscope_hf.errors import ArgumentTypeError, ConfigError, MissingColumnError
 from qscope_hf.hooks import check_sae_fits, hook_layers
 from qscope_hf.languages import LanguageBaselines
 from qscope_hf.sae import FeatureReader, SparseAutoencoder
@@ -102,10 +102,11 @@ class SAEFeaturePenalty:
             self.baselines = LanguageBaselines.coerce(self.baselines)
         saes = [self.saes] if isinstance(self.saes, SparseAutoencoder) else list(self.saes)
         if not saes:
-            raise ValueError("SAEFeaturePenalty needs at least one SAE")
+            raise ConfigError("SAEFeaturePenalty needs at least one SAE")
         layers = [sae.layer for sae in saes]
         if None in layers or len(set(layers)) != len(layers):
-            raise ValueError(f"give one SAE per layer, each with its layer set (got layers {layers})")
+            raise ConfigError(f"give one SAE per layer, each with its layer set (got layers {layers}); the penalty "
+                              "reads one SAE per layer (as the monitor does)")
         per_layer = {layer: self._features_of(layer) for layer in layers}
         known = set().union(*(set(f) for f in per_layer.values()))
         if self.baselines is not None:
@@ -119,7 +120,7 @@ class SAEFeaturePenalty:
         features = self.features
         if features and all(isinstance(key, int) for key in features):
             if layer not in features:
-                raise ValueError(f"no features given for layer {layer} (features for layers {sorted(features)})")
+                raise ConfigError(f"no features given for layer {layer} (features for layers {sorted(features)})")
             features = features[layer]
         if not features or not all(list(ids) for ids in features.values()):
             raise ConfigError(f"no penalised features for layer {layer} (every language needs at least one feature, "
@@ -138,11 +139,11 @@ class SAEFeaturePenalty:
             if self.baselines is not None and lang != OTHER:
                 layer_baselines = self.baselines.get(sae.layer, {})
                 if lang not in layer_baselines and self.language_column is not None:
-                    raise ValueError(f"no baselines for language {lang!r} at layer {sae.layer}")
+                    raise ConfigError(f"no baselines for language {lang!r} at layer {sae.layer}")
                 values = layer_baselines.get(lang, {})
                 missing = [f for f in union if f not in values]
                 if self.language_column is not None and missing:
-                    raise ValueError(f"baselines for {lang!r} at layer {sae.layer} lack features {missing}")
+                    raise ConfigError(f"baselines for {lang!r} at layer {sae.layer} lack features {missing}")
                 alpha[row] = torch.tensor([values.get(f, 0.0) for f in union])
         if not bool(alpha.isfinite().all()):
             raise ConfigError(f"baselines must be finite numbers (layer {sae.layer} has NaN or infinite values)")
@@ -171,7 +172,7 @@ class SAEFeaturePenalty:
             elif OTHER in self.languages:
                 ids.append(self.languages.index(OTHER))
             else:
-                raise ValueError(f"unknown language {lang!r}: the penalty has baselines for {self.languages}")
+                raise ConfigError(f"unknown language {lang!r}: the penalty has baselines for {self.languages}")
         return torch.tensor(ids, dtype=torch.long)
 
     def check(self, model: nn.Module, dataset: Any = None) -> None:
@@ -186,7 +187,7 @@ class SAEFeaturePenalty:
             raise MissingColumnError(f"the training dataset has no language column {self.language_column!r} "
                                      f"(columns: {columns})")
         if columns is not None:
-            self.language_ids(sorted(set(dataset[self.language_column])))
+            self.language_ids(sorted(set(dataset[self.language_column]), key=str))  # None sorts too: refused there
 
     def sums(self, hidden: Mapping[int, Tensor], tokens: Tensor, language_ids: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(Σ ReLU(f − α) over penalised (token, feature) pairs, their count)`` for layer outputs ``[B, T, d]``
@@ -324,6 +325,13 @@ class GRPOPenaltyMixin(SAEPenaltyMixin):
         return output
 
 
+def _check_trainer_class(cls: type) -> None:
+    """The penalty reads TRL's completion masks: only ``SFTTrainer`` and ``GRPOTrainer`` (and subclasses) have them."""
+    if not issubclass(cls, (SFTTrainer, GRPOTrainer)):
+        raise ArgumentTypeError(f"the SAE penalty extends TRL's SFTTrainer or GRPOTrainer (it reads their completion "
+                                f"tokens), got {cls.__name__}")
+
+
 def with_sae_penalty(trainer_class: type[T]) -> type[T]:
     """``trainer_class`` (``SFTTrainer``, ``GRPOTrainer`` or a subclass) extended with the SAE penalty: construct it
     as usual plus ``sae_penalty=SAEFeaturePenalty(...)``. The subclass way TRL documents for custom losses::
@@ -331,6 +339,10 @@ def with_sae_penalty(trainer_class: type[T]) -> type[T]:
         SASFTTrainer = with_sae_penalty(SFTTrainer)
         trainer = SASFTTrainer(model, args=args, train_dataset=data, sae_penalty=penalty)
     """
+    if not isinstance(trainer_class, type):
+        hint = " (an instance: use add_sae_penalty(trainer, penalty))" if isinstance(trainer_class, Trainer) else ""
+        raise ArgumentTypeError(f"with_sae_penalty takes a trainer class, got {type(trainer_class).__name__}{hint}")
+    _check_trainer_class(trainer_class)
     mixin = GRPOPenaltyMixin if issubclass(trainer_class, GRPOTrainer) else SAEPenaltyMixin
 
     def __init__(self: Any, *args: Any, sae_penalty: SAEFeaturePenalty, **kwargs: Any) -> None:
@@ -345,6 +357,9 @@ def add_sae_penalty(trainer: Any, penalty: SAEFeaturePenalty) -> Any:
     """Add ``penalty`` to an already constructed ``SFTTrainer`` or ``GRPOTrainer`` (with or without
     ``peft_config``); returns the trainer. The convenience form of :func:`with_sae_penalty`: the instance's class
     becomes a same-named subclass with the mixin; configuration errors are raised here, before training."""
+    _check_trainer_class(type(trainer))
+    if not isinstance(penalty, SAEFeaturePenalty):
+        raise ArgumentTypeError(f"add_sae_penalty takes an SAEFeaturePenalty, got {type(penalty).__name__}")
     add_mixin(trainer, GRPOPenaltyMixin if isinstance(trainer, GRPOTrainer) else SAEPenaltyMixin)
     trainer._setup_sae_penalty(penalty)
     return trainer

@@ -25,7 +25,7 @@ from qscope_hf.corpus import chat_token_ids, pad_token_ids
 from qscope_hf.errors import ConfigError
 from qscope_hf.hooks import check_sae_fits, layer_outputs, unwrap_model
 from qscope_hf.sae import SparseAutoencoder
-from qscope_hf.validation import finite, positive_int
+from qscope_hf.validation import finite, integer_ids, positive_int
 
 Reduction = Literal["fraction", "max", "mean"]
 REDUCTIONS: tuple[Reduction, ...] = get_args(Reduction)
@@ -46,7 +46,7 @@ class SAEFeatureReward:
                  reduce: Reduction = "fraction", threshold: float = 0.0, coef: float = 1.0, batch_size: int = 16,
                  name: str | None = None, weight: float | None = None) -> None:
         if reduce not in REDUCTIONS:
-            raise ValueError(f"unknown reduction {reduce!r}; choose one of {REDUCTIONS}")
+            raise ConfigError(f"unknown reduction {reduce!r}; choose one of {REDUCTIONS}")
         self.layer = check_sae_fits(model, sae)
         self.model, self.tokenizer, self.sae = model, tokenizer, sae
         self.reader = sae.feature_reader(list(features))
@@ -76,6 +76,10 @@ class SAEFeatureReward:
                 prompts = prompt_ids[start:start + self.batch_size]
                 completions = completion_ids[start:start + self.batch_size]
                 sequences = [list(p) + list(c) for p, c in zip(prompts, completions)]
+                vocabulary = inner.get_input_embeddings().num_embeddings
+                for row, sequence in enumerate(sequences):
+                    integer_ids(f"token (prompt and completion {start + row})", sequence, vocabulary,
+                                error=ConfigError)
                 ids, real = pad_token_ids(sequences, pad, side="right")
                 scored = real.bool() & (torch.arange(ids.shape[1]) >= torch.tensor([len(p) for p in prompts])[:, None])
                 hidden = layer_outputs(inner, [self.layer], input_ids=ids.to(device), attention_mask=real.to(device),
@@ -97,7 +101,7 @@ class SAEFeatureReward:
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]],
                  **kwargs: Any) -> list[float]:
         if len(prompts) != len(completion_ids):
-            raise ValueError(f"{len(prompts)} prompts for {len(completion_ids)} completions")
+            raise ConfigError(f"{len(prompts)} prompts for {len(completion_ids)} completions")
         if not completion_ids:
             return []
         activity = self.activity(tokenize_prompts(self.tokenizer, prompts), completion_ids)

@@ -45,8 +45,8 @@ class SteeredNegativeRollouts:
         non_negative_int("count", count)
         if probability is not None and not 0.0 <= finite("probability", probability) <= 1.0:
             raise ConfigError(f"probability must be in [0, 1], got {probability}")
-        if num_generations is not None and count > positive_int("num_generations", num_generations):
-            raise ConfigError(f"count={count} steered rollouts do not fit groups of num_generations={num_generations}")
+        if num_generations is not None:
+            self._check_fits(count, positive_int("num_generations", num_generations))
         self.count, self.probability = count, probability
         self.generator = torch.Generator().manual_seed(seed)
         self.__name__ = "steered_negative_rollouts"
@@ -57,10 +57,16 @@ class SteeredNegativeRollouts:
         ``GRPOTrainer(..., rollout_func=self)`` plus those checks."""
         self._check_backend(trainer)
         for group in {trainer.num_generations, getattr(trainer, "num_generations_eval", None)} - {None}:
-            if self.count > group:
-                raise ConfigError(f"count={self.count} steered rollouts do not fit groups of {group} generations")
+            self._check_fits(self.count, group)
         trainer.rollout_func = self
         return trainer
+
+    @staticmethod
+    def _check_fits(count: int, group: int) -> None:
+        """A group must keep at least one unsteered rollout: the steered ones are negatives relative to it."""
+        if count >= group:
+            raise ConfigError(f"count={count} steered rollouts in groups of {group} generations leave no unsteered "
+                              f"rollout to compare with: use count < num_generations")
 
     @staticmethod
     def _check_backend(trainer: Any) -> None:
@@ -75,8 +81,7 @@ class SteeredNegativeRollouts:
 
     def steered_rows(self, n_rows: int, group: int) -> list[bool]:
         """Which rows of a batch of ``n_rows`` (groups of ``group`` consecutive rows) are steered."""
-        if self.count > group:
-            raise ValueError(f"count={self.count} steered rollouts do not fit groups of {group}")
+        self._check_fits(self.count, group)
         flags = []
         for _ in range(n_rows // group):
             on = self.probability is None or float(torch.rand((), generator=self.generator)) < self.probability
@@ -87,11 +92,11 @@ class SteeredNegativeRollouts:
         self._check_backend(trainer)
         group = trainer.num_generations if trainer.model.training else trainer.num_generations_eval
         if len(prompts) % group:
-            raise ValueError(f"{len(prompts)} prompts do not split into groups of {group}")
+            raise ConfigError(f"{len(prompts)} prompts do not split into groups of {group}")
         for i, prompt in enumerate(prompts):
             if prompt != prompts[i - i % group]:
-                raise ValueError(f"prompt {i} differs from the first of its group: GRPOTrainer is expected to pass "
-                                 f"each prompt {group} times in a row")
+                raise ConfigError(f"prompt {i} differs from the first of its group: GRPOTrainer is expected to pass "
+                                  f"each prompt {group} times in a row")
         tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)  # processors wrap one
         prompt_ids = tokenize_prompts(tokenizer, prompts)
         flags = self.steered_rows(len(prompts), group)

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qscope_hf import ConfigError, Steering, steered
-from qscope_hf.errors import CheckpointError
+from qscope_hf.errors import CheckpointError, UnsupportedError
 from qscope_hf.export import bake_steering, export_control_vector, import_control_vector
 from qscope_hf.tiny import tiny_model, tiny_sae
 
@@ -132,7 +132,7 @@ def test_baked_checkpoint_equals_the_hooked_model_and_loads_without_qscope(tmp_p
 
 
 def test_bake_refuses_architectures_without_an_mlp_bias(sae):
-    with pytest.raises(ConfigError, match="no MLP bias"):
+    with pytest.raises(UnsupportedError, match=r"Qwen3ForCausalLM \(qwen3\) has no MLP bias.*export_control_vector"):
         bake_steering(tiny_model("qwen3"), Steering(sae, 3, 1.0))
 
 

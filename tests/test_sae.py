@@ -71,7 +71,7 @@ def test_bad_input(sae):
         sae.encode(torch.randn(2, 32, dtype=torch.float64))
     with pytest.raises(ValueError, match="activations are on meta but the SAE is on cpu"):
         sae.encode(torch.randn(2, 32, device="meta"))
-    with pytest.raises(IndexError, match="feature index 200 is out of range for an SAE with d_sae=200"):
+    with pytest.raises(IndexError, match=r"feature index 200 is out of range \[0, 200\) for an SAE with d_sae=200"):
         sae.pre_acts(torch.randn(2, 32), [3, 200])
     with pytest.raises(IndexError, match="feature index -1"):
         sae.feature_directions([-1])

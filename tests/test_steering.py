@@ -345,5 +345,5 @@ def test_supported_transformers_versions():
     assert transformers.__version__.startswith("5.")
     check_transformers("5.0.0")
     for version in ("4.57.1", "6.0.0"):
-        with pytest.raises(RuntimeError, match=f"supports transformers 5.x .*found transformers {version}"):
+        with pytest.raises(RuntimeError, match=rf"supports transformers>=5.0,<6.0 .*found transformers {version}"):
             check_transformers(version)

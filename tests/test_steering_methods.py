@@ -285,7 +285,7 @@ def test_targeted_vector_is_the_sae_ts_formula():
     expected = weighted / weighted.norm() - generic / generic.norm()
     torch.testing.assert_close(targeted_vector(approximator, [1, 3], [2.0, 1.0]), expected / expected.norm())
     torch.testing.assert_close(approximator.predict(torch.ones(8)), torch.ones(8) @ weight + bias)
-    with pytest.raises(IndexError, match="target features"):
+    with pytest.raises(IndexError, match=r"target feature index 5 is out of range \[0, 5\)"):
         targeted_vector(approximator, 5)
 
 
@@ -321,7 +321,7 @@ def test_bad_input_fails_before_any_forward(qwen3, tokenizer, sae):
             Steering.from_vector(torch.tensor([1.0, bad]), LAYER)
     with pytest.raises(ValueError, match="a vector Steering only adds"):
         Steering(None, None, 1.0, layer=1, vector=torch.ones(64), mode="clamp")
-    with pytest.raises(ValueError, match="n_vectors=1 must be in"):
+    with pytest.raises(ValueError, match=r"n_vectors=1 must be in \[16, d_sae=256\]: the held-out R² needs at least 8"):
         fit_effect_approximator(qwen3, tokenizer, sae, TEXTS, n_vectors=1)
     with steered(qwen3, None):  # nothing to steer is allowed and changes nothing
         pass

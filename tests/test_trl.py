@@ -398,11 +398,16 @@ def test_rewards_and_rollouts_refuse_bad_configuration(tmp_path, sae):
         SAEFeatureReward(model, tokenizer, sae, [3], coef=float("nan"))
     assert SAEFeatureReward(model, tokenizer, sae, [3])(prompts=[], completions=[], completion_ids=[]) == []
     spec = Steering(sae, 3, 4.0)
-    with pytest.raises(ConfigError, match="count=5 steered rollouts do not fit groups of num_generations=4"):
-        SteeredNegativeRollouts(spec, count=5, num_generations=4)
+    for count in (4, 5):  # count == group would steer every rollout: no unsteered one left to compare with
+        with pytest.raises(ConfigError, match=f"count={count} steered rollouts in groups of 4 generations leave no "
+                                              "unsteered rollout"):
+            SteeredNegativeRollouts(spec, count=count, num_generations=4)
     trainer = grpo_trainer(tmp_path, [lambda completion_ids, **kwargs: [0.0] * len(completion_ids)])
-    with pytest.raises(ConfigError, match="count=5 steered rollouts do not fit groups of 4 generations"):
-        SteeredNegativeRollouts(spec, count=5).attach(trainer)
+    for count in (4, 5):
+        with pytest.raises(ConfigError, match=f"count={count} steered rollouts in groups of 4 generations"):
+            SteeredNegativeRollouts(spec, count=count).attach(trainer)
+    with pytest.raises(ConfigError, match="count=2 steered rollouts in groups of 2 generations"):
+        SteeredNegativeRollouts(spec, count=2).steered_rows(8, 2)
     rollouts = SteeredNegativeRollouts(spec, count=1)
     assert rollouts.attach(trainer) is trainer and trainer.rollout_func is rollouts
 

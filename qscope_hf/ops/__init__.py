@@ -22,6 +22,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentTypeError, ConfigError, FeatureIndexError
 from . import chunked, reference, sparse
 from .autograd import SparseDecode, TopKEncode
 from .dispatch import (
@@ -56,21 +57,21 @@ def _check_same(what: str, *tensors: Tensor) -> None:
     first = tensors[0]
     if any(t.dtype != first.dtype for t in tensors):
         dtypes = sorted({str(t.dtype) for t in tensors})
-        raise TypeError(f"{what}: dtype mismatch {dtypes}; cast the activations or the SAE weights")
+        raise ArgumentTypeError(f"{what}: dtype mismatch {dtypes}; cast the activations or the SAE weights")
     if any(t.device != first.device for t in tensors):
         devices = sorted({str(t.device) for t in tensors})
-        raise ValueError(f"{what}: device mismatch {devices}; move the activations or the SAE")
+        raise ConfigError(f"{what}: device mismatch {devices}; move the activations or the SAE")
     if not first.is_floating_point():
-        raise TypeError(f"{what}: expected floating-point tensors, got {first.dtype}")
+        raise ArgumentTypeError(f"{what}: expected floating-point tensors, got {first.dtype}")
 
 
 def _check_encoder(what: str, x: Tensor, W_enc: Tensor, b_enc: Tensor) -> None:
     if W_enc.dim() != 2 or b_enc.shape != (W_enc.shape[0],):
-        raise ValueError(f"{what}: expected W_enc [d_sae, d_model] and b_enc [d_sae], got {tuple(W_enc.shape)} "
-                         f"and {tuple(b_enc.shape)}")
+        raise ConfigError(f"{what}: expected W_enc [d_sae, d_model] and b_enc [d_sae], got {tuple(W_enc.shape)} "
+                          f"and {tuple(b_enc.shape)}")
     if x.shape[-1] != W_enc.shape[1]:
-        raise ValueError(f"{what}: activations have d_model={x.shape[-1]} but the encoder expects "
-                         f"d_model={W_enc.shape[1]}")
+        raise ConfigError(f"{what}: activations have d_model={x.shape[-1]} but the encoder expects "
+                          f"d_model={W_enc.shape[1]}")
     _check_same(what, x, W_enc, b_enc)
 
 
@@ -80,9 +81,9 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, activation: str
     _check_encoder("topk_encode", x, W_enc, b_enc)
     d_sae = W_enc.shape[0]
     if not 0 < k <= d_sae:
-        raise ValueError(f"topk_encode: k={k} must be in [1, d_sae={d_sae}]")
+        raise ConfigError(f"topk_encode: k={k} must be in [1, d_sae={d_sae}]")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"topk_encode: unknown activation {activation!r}; choose one of {ACTIVATIONS}")
+        raise ConfigError(f"topk_encode: unknown activation {activation!r}; choose one of {ACTIVATIONS}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     name = resolve_backend(backend, x.device)
@@ -99,13 +100,13 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, activation: str
 
 def _check_codes(what: str, values: Tensor, indices: Tensor, d_sae: int, *, check_range: bool = True) -> None:
     if values.shape != indices.shape:
-        raise ValueError(f"{what}: values {tuple(values.shape)} and indices {tuple(indices.shape)} differ in shape")
+        raise ConfigError(f"{what}: values {tuple(values.shape)} and indices {tuple(indices.shape)} differ in shape")
     if indices.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{what}: indices must be int64 or int32, got {indices.dtype}")
+        raise ArgumentTypeError(f"{what}: indices must be int64 or int32, got {indices.dtype}")
     if check_range and indices.numel():
         low, high = torch.stack(torch.aminmax(indices)).tolist()
         if low < 0 or high >= d_sae:
-            raise IndexError(f"{what}: feature indices must lie in [0, d_sae={d_sae}), got [{low}, {high}]")
+            raise FeatureIndexError(f"{what}: feature indices must lie in [0, d_sae={d_sae}), got [{low}, {high}]")
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, *,
@@ -116,8 +117,8 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
     call); pass it only for indices that :func:`topk_encode` returned for the same SAE.
     """
     if W_dec.dim() != 2 or b_dec.shape != (W_dec.shape[0],):
-        raise ValueError(f"sparse_decode: expected W_dec [d_model, d_sae] and b_dec [d_model], got "
-                         f"{tuple(W_dec.shape)} and {tuple(b_dec.shape)}")
+        raise ConfigError(f"sparse_decode: expected W_dec [d_model, d_sae] and b_dec [d_model], got "
+                          f"{tuple(W_dec.shape)} and {tuple(b_dec.shape)}")
     _check_codes("sparse_decode", values, indices, W_dec.shape[1], check_range=check_indices)
     _check_same("sparse_decode", values, W_dec, b_dec)
     lead, k = values.shape[:-1], values.shape[-1]
@@ -151,7 +152,7 @@ def dense_codes(values: Tensor, indices: Tensor, d_sae: int) -> Tensor:
 def dense_decode(z: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
     """Reconstruction from dense codes ``z [..., d_sae] -> [..., d_model]``."""
     if W_dec.dim() != 2 or z.shape[-1] != W_dec.shape[1]:
-        raise ValueError(f"dense_decode: codes have d_sae={z.shape[-1]} but W_dec is {tuple(W_dec.shape)}")
+        raise ConfigError(f"dense_decode: codes have d_sae={z.shape[-1]} but W_dec is {tuple(W_dec.shape)}")
     _check_same("dense_decode", z, W_dec, b_dec)
     out = reference.dense_decode(z.reshape(-1, z.shape[-1]), W_dec, b_dec)
     return out.reshape(*z.shape[:-1], W_dec.shape[0])

@@ -14,14 +14,11 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from ..errors import BackendUnavailableError, ConfigError
 from .environment import triton_importable, triton_interpreted
 
 BACKENDS = ("reference", "chunked", "triton")
 ENV_VAR = "QSCOPE_OPS_BACKEND"
-
-
-class BackendUnavailableError(RuntimeError):
-    """A backend was asked for (per call or by ``QSCOPE_OPS_BACKEND``) that cannot run here."""
 
 
 class Kernels(Protocol):
@@ -56,7 +53,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if name is None:
         return "triton" if device.type == "cuda" and triton_importable() else "chunked"
     if name not in BACKENDS:
-        raise ValueError(f"unknown SAE ops backend {name!r}; choose one of {BACKENDS}")
+        raise ConfigError(f"unknown SAE ops backend {name!r}; choose one of {BACKENDS}")
     if name == "triton":
         if not triton_importable():
             raise BackendUnavailableError("backend 'triton' needs the triton package: pip install 'qscope[triton]'")
