@@ -180,6 +180,8 @@ def _train_sae(args: argparse.Namespace) -> None:
         held_out = load_texts(args.eval, args.text_column)[args.text_column]
         for layer, metrics in evaluate_saes(model, tokenizer, list(saes.values()), held_out).items():
             print(f"layer {layer}: " + ", ".join(f"{key} {value:.4g}" for key, value in metrics.as_dict().items()))
+            for problem in metrics.problems:
+                print(f"layer {layer}: WARNING: {problem}")
 
 
 def _analyze(args: argparse.Namespace) -> None:

@@ -11,9 +11,22 @@ forward stops after the last of them), and trains one :class:`SparseAutoencoder`
   ``aux_coef = 1/32``): the ``aux_k`` largest pre-activations among *dead* latents (no firing for
   ``dead_after_tokens`` tokens), without ReLU so that gradients reach latents whose pre-activations went
   negative, reconstruct the detached residual ``x − x̂``, normalised the same way.
+- **Input normalisation.** Each layer's activations are centred on the first batch's mean and divided by its
+  root-mean-square per dimension before they reach the SAE, and the affine map is folded back into the biases of
+  the SAEs the trainer hands out (:attr:`SAETrainer.saes`). Residual streams often carry a huge, nearly constant
+  dimension ("massive activations": one coordinate can hold most of a token's norm); uncentred, it dominates every
+  pre-activation, a few random latents win every TopK and the rest die, and the optimiser's step sizes depend on
+  the layer's scale. Centred and scaled, the same defaults train any layer of any model.
 - **Parameters.** Decoder columns start as random unit vectors and the encoder as their transpose; ``b_dec`` starts
-  at the first batch's mean. Decoder columns are kept at unit norm: before each Adam step the gradient component
-  along each column is removed, after it the columns are renormalised (so activations carry the scale).
+  at the first (normalised) batch's mean. Decoder columns are kept at unit norm: before each Adam step the gradient
+  component along each column is removed, after it the columns are renormalised (so activations carry the scale).
+- **Dead latents and guard rails.** A latent is dead when it has not fired for ``dead_after_tokens`` tokens
+  (default: a tenth of the run, at most 1 M, so AuxK switches on in short runs too); the logged ``dead`` counts the
+  latents that have not fired within that window or since the start, whichever is shorter (so latents that never
+  fire count from the first step). A warning (and :attr:`SAETrainer.problems`) flags a run whose training FVU is
+  still ≥ 1 after warm-up or where most latents never fire; :class:`SAEMetrics` flags the same on held-out text.
+- **Batches of texts.** Texts are drawn ``text_batch_size × 8`` at a time, sorted by length and run through the
+  model ``text_batch_size`` at a time, so short and long texts are not padded to each other.
 - **State.** ``checkpoint_every`` steps the SAEs, optimizers, dead-latent counters, the activation buffer, the data
   cursor and the shuffling generator are saved; :meth:`SAETrainer.fit` with ``resume=True`` continues exactly
   where it stopped (same result as an uninterrupted run).
@@ -24,6 +37,7 @@ reconstruction spliced in, against the clean model and a zero-ablated layer (and
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import warnings
@@ -43,6 +57,10 @@ from .sae import SparseAutoencoder
 from .validation import finite, positive_int
 
 CHECKPOINT = "trainer_state.pt"
+#: Texts drawn at once are this many forwards' worth; they are sorted by length before batching.
+TEXT_POOL = 8
+#: Steps before the guard rails judge a run (the first steps of any run reconstruct badly).
+WARM_UP_STEPS = 20
 
 
 @dataclass
@@ -63,7 +81,7 @@ class TrainConfig:
     buffer_tokens: int = 65536
     aux_k: int | None = None
     aux_coef: float = 1 / 32
-    dead_after_tokens: int = 1_000_000
+    dead_after_tokens: int | None = None
     skip_first: bool = True
     norm_filter: float | None = 10.0
     dtype: str = "float32"
@@ -76,9 +94,9 @@ class TrainConfig:
         if not self.layers or not all(isinstance(layer, int) and layer >= 0 for layer in self.layers):
             raise ConfigError(f"layers must be a non-empty list of layer indices >= 0, got {self.layers!r}")
         for name in ("k", "expansion", "batch_tokens", "total_tokens", "context_length", "text_batch_size",
-                     "buffer_tokens", "dead_after_tokens", "log_every"):
+                     "buffer_tokens", "log_every"):
             positive_int(name, getattr(self, name))
-        for name in ("d_sae", "aux_k", "checkpoint_every"):
+        for name in ("d_sae", "aux_k", "checkpoint_every", "dead_after_tokens"):
             if getattr(self, name) is not None:
                 positive_int(name, getattr(self, name))
         for name in ("lr", "norm_filter"):
@@ -90,6 +108,18 @@ class TrainConfig:
                               f"batch_tokens={self.batch_tokens}")
         if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
             raise ConfigError(f"dtype must be one of float32, bfloat16, float16, float64; got {self.dtype!r}")
+        if self.dead_after_tokens is not None and self.dead_after_tokens >= self.total_tokens:
+            warnings.warn(f"dead_after_tokens={self.dead_after_tokens} >= total_tokens={self.total_tokens}: no latent "
+                          "can count as dead, so AuxK never revives one in this run (leave dead_after_tokens=None "
+                          "for a tenth of the run)", stacklevel=3)
+
+    @property
+    def dead_window(self) -> int:
+        """Tokens without firing after which a latent is dead: ``dead_after_tokens``, or a tenth of the run (at
+        least one batch, at most 1 M tokens)."""
+        if self.dead_after_tokens is not None:
+            return self.dead_after_tokens
+        return min(1_000_000, max(self.batch_tokens, self.total_tokens // 10))
 
 
 @dataclass(frozen=True)
@@ -145,15 +175,21 @@ class SAETrainer:
         self.device = next(model.parameters()).device
         self.dtype = getattr(torch, config.dtype)
         generator = torch.Generator().manual_seed(config.seed)
-        self.saes: dict[int, SparseAutoencoder] = {}
+        #: The SAEs being trained, in normalised units (see :attr:`saes` for the SAEs in the model's units).
+        self.working: dict[int, SparseAutoencoder] = {}
         for layer in config.layers:
             sae = SparseAutoencoder(self.d_model, self.d_sae, config.k, config.activation, layer=layer,
                                     model_id=getattr(getattr(model, "config", None), "_name_or_path", None))
             sae.reset_parameters(generator)
-            self.saes[layer] = sae.to(self.device, self.dtype)
+            self.working[layer] = sae.to(self.device, self.dtype)
         lr = config.lr or 2e-4 / math.sqrt(self.d_sae / 16384)
-        self.optimizers = {layer: torch.optim.Adam(sae.parameters(), lr=lr) for layer, sae in self.saes.items()}
+        self.optimizers = {layer: torch.optim.Adam(sae.parameters(), lr=lr) for layer, sae in self.working.items()}
+        #: Per layer, the input normalisation ``(mean [d_model], scale)`` fitted on the first batch (fp64).
+        self.normalisation: dict[int, tuple[Tensor, Tensor]] = {}
         self.since_fired = {layer: torch.zeros(self.d_sae, dtype=torch.long) for layer in config.layers}
+        self.problems: list[str] = []
+        self._folded: tuple[int, dict[int, SparseAutoencoder]] | None = None
+        self._progress = True
         self.shuffle = torch.Generator().manual_seed(config.seed + 1)
         self.buffer = _Buffer(torch.zeros(config.buffer_tokens, len(config.layers), self.d_model, dtype=self.dtype))
         self.step, self.tokens, self.texts_consumed = 0, 0, 0
@@ -161,7 +197,19 @@ class SAETrainer:
 
     # -- data -------------------------------------------------------------------------------------------------
     def _activations(self, texts: list[str]) -> Tensor:
-        """``[n, layers, d]`` activations of the kept tokens of ``texts`` (one forward for all layers)."""
+        """``[n, layers, d]`` activations of the kept tokens of ``texts``: sorted by length, ``text_batch_size``
+        texts per forward (one forward for all layers), so that little of each batch is padding."""
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True,
+                                                      max_length=self.config.context_length)["input_ids"]]
+        order = sorted(range(len(texts)), key=lengths.__getitem__)
+        size = self.config.text_batch_size
+        chunks = [self._forward_activations([texts[i] for i in order[start:start + size]])
+                  for start in range(0, len(order), size)]
+        return torch.cat(chunks) if chunks else torch.empty(0, len(self.config.layers), self.d_model,
+                                                            dtype=self.dtype)
+
+    def _forward_activations(self, texts: list[str]) -> Tensor:
+        """``[n, layers, d]`` activations of the kept tokens of ``texts`` (one padded forward)."""
         config = self.config
         inputs = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
                                 max_length=config.context_length).to(self.device)
@@ -180,9 +228,9 @@ class SAETrainer:
         return acts.to("cpu", self.dtype)
 
     def _texts(self, data: datasets.Dataset) -> list[str]:
-        """The next ``text_batch_size`` texts (cycling through ``data``, one epoch after another)."""
+        """The next ``text_batch_size × TEXT_POOL`` texts (cycling through ``data``, one epoch after another)."""
         start = self.texts_consumed % len(data)
-        texts = data[start:start + self.config.text_batch_size][self.text_column]
+        texts = data[start:start + self.config.text_batch_size * TEXT_POOL][self.text_column]
         self.texts_consumed += len(texts)
         return texts
 
@@ -195,12 +243,16 @@ class SAETrainer:
             if buffer.position >= buffer.drawn:
                 buffer.compact()
                 texts_before = self.texts_consumed
+                filling = tqdm(total=len(buffer.store), initial=buffer.count, unit="tok", desc="fill buffer",
+                               leave=False, disable=not self._progress)
                 while not buffer.full:
                     buffer.fill()
                     if not buffer.full:
                         buffer.pending.append(self._activations(self._texts(data)))
+                        filling.update(min(len(buffer.store), buffer.count + len(buffer.pending[-1])) - filling.n)
                     if self.texts_consumed - texts_before > 2 * len(data) and buffer.count == 0:
                         raise ConfigError("the training texts yield no tokens (all empty, or filtered out)")
+                filling.close()
                 order = torch.randperm(buffer.count, generator=self.shuffle)
                 buffer.store[:] = buffer.store[order]
                 halves = buffer.count // 2 // config.batch_tokens
@@ -210,13 +262,23 @@ class SAETrainer:
             yield buffer.store[start:start + config.batch_tokens]
 
     # -- one step ---------------------------------------------------------------------------------------------
+    def _normalise(self, layer: int, x: Tensor) -> Tensor:
+        """``(x − mean) / scale`` with the layer's normalisation, fitted on the first batch it sees."""
+        if layer not in self.normalisation:
+            wide = x.double()
+            mean = wide.mean(0)
+            scale = (wide - mean).pow(2).sum(-1).mean().div(x.shape[-1]).sqrt().clamp(min=1e-12)
+            self.normalisation[layer] = (mean.cpu(), scale.cpu())
+        mean, scale = self.normalisation[layer]
+        return ((x.double() - mean.to(x.device)) / scale.to(x.device)).to(self.dtype)
+
     def _step(self, layer: int, x: Tensor) -> StepMetrics:
-        config, sae, optimizer = self.config, self.saes[layer], self.optimizers[layer]
-        x = x.to(self.device)
+        config, sae, optimizer = self.config, self.working[layer], self.optimizers[layer]
+        x = self._normalise(layer, x.to(self.device))
         if self.step == 0:
             with torch.no_grad():
                 sae.b_dec.copy_(x.mean(0))
-        dead = self.since_fired[layer] > config.dead_after_tokens
+        dead = self.since_fired[layer] > config.dead_window
         out = sae.training_loss(x, dead=dead if config.aux_coef > 0 else None, aux_k=config.aux_k)
         optimizer.zero_grad(set_to_none=True)
         (out.fvu + config.aux_coef * out.aux).backward()
@@ -224,8 +286,10 @@ class SAETrainer:
         optimizer.step()
         sae.set_decoder_norm_to_unit_norm()
         self._track_firing(layer, out.values, out.indices, len(x))
+        window = min(config.dead_window, self.tokens + len(x))  # never fired since the start counts as dead
         return StepMetrics(float(out.fvu.detach()), float(out.aux.detach()),
-                           float((out.values > 0).sum(-1).float().mean()), float(dead.float().mean()))
+                           float((out.values > 0).sum(-1).float().mean()),
+                           float((self.since_fired[layer] >= window).float().mean()))
 
     @torch.no_grad()
     def _track_firing(self, layer: int, values: Tensor, indices: Tensor, tokens: int) -> None:
@@ -251,6 +315,7 @@ class SAETrainer:
                 raise MissingFileError(f"nothing to resume: no {CHECKPOINT} in {out}")
             self.load_checkpoint(out / CHECKPOINT)
         config = self.config
+        self._progress = progress
         bar = tqdm(total=config.total_tokens, initial=self.tokens, unit="tok", desc="train SAEs",
                    disable=not progress)
         for batch in self._batches(dataset):
@@ -260,6 +325,7 @@ class SAETrainer:
             if out is not None and config.checkpoint_every and self.step % config.checkpoint_every == 0:
                 self.save_checkpoint(out / CHECKPOINT)
         bar.close()
+        self._check_health()
         if out is not None:
             self.save(out)
         return self.saes
@@ -278,7 +344,42 @@ class SAETrainer:
             for start in range(0, len(activations) - batch + 1, batch):
                 self._train_batch(activations[order[start:start + batch]].to(self.dtype), bar)
         bar.close()
+        self._check_health()
         return self.saes
+
+    def _check_health(self) -> None:
+        """Warn (and list in :attr:`problems`) when a layer's training FVU is ≥ 1 after warm-up or when most of
+        its latents never fired: the SAE is unusable, whatever the loss curve looked like."""
+        last = self.history[-1] if self.history and self.step >= WARM_UP_STEPS else None
+        self.problems = []
+        for layer in self.config.layers:
+            if last is not None and last[f"sae/L{layer}/fvu"] >= 1:
+                self.problems.append(f"layer {layer}: training FVU {last[f'sae/L{layer}/fvu']:.3f} >= 1 after "
+                                     f"{self.step} steps (worse than predicting the mean)")
+            never = float((self.since_fired[layer] >= self.tokens).float().mean()) if self.tokens else 0.0
+            if never > 0.5:
+                self.problems.append(f"layer {layer}: {never:.0%} of the latents never fired in {self.tokens} tokens")
+        for problem in self.problems:
+            warnings.warn(f"SAE training: {problem}", stacklevel=3)
+
+    @property
+    def saes(self) -> dict[int, SparseAutoencoder]:
+        """The trained SAEs in the model's units (the input normalisation folded into their biases), by layer."""
+        if self._folded is None or self._folded[0] != self.step:
+            self._folded = (self.step, {layer: self._fold(layer) for layer in self.config.layers})
+        return self._folded[1]
+
+    @torch.no_grad()
+    def _fold(self, layer: int) -> SparseAutoencoder:
+        """The working SAE of ``layer`` for raw activations: ``b_enc ← s·b_enc − W_enc·μ``, ``b_dec ← s·b_dec + μ``
+        (TopK and ReLU commute with the positive scale ``s``; the unit decoder columns stay as they are)."""
+        sae = copy.deepcopy(self.working[layer])
+        if layer in self.normalisation:
+            mean, scale = (t.to(sae.device) for t in self.normalisation[layer])
+            wide_enc = sae.W_enc.double()
+            sae.b_enc.copy_(scale * sae.b_enc.double() - wide_enc @ mean)
+            sae.b_dec.copy_(scale * sae.b_dec.double() + mean)
+        return sae
 
     def _train_batch(self, batch: Tensor, bar: tqdm) -> None:
         """One step of every SAE on ``batch [batch_tokens, layers, d]``; logs every ``log_every`` steps."""
@@ -310,7 +411,8 @@ class SAETrainer:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({
-            "saes": {layer: sae.state_dict() for layer, sae in self.saes.items()},
+            "saes": {layer: sae.state_dict() for layer, sae in self.working.items()},
+            "normalisation": self.normalisation,
             "optimizers": {layer: opt.state_dict() for layer, opt in self.optimizers.items()},
             "since_fired": self.since_fired, "shuffle": self.shuffle.get_state(),
             "buffer": self.buffer.store[:self.buffer.count].clone(), "pending": self.buffer.pending,
@@ -321,9 +423,10 @@ class SAETrainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         state = torch.load(path, weights_only=True)
-        for layer, sae in self.saes.items():
+        for layer, sae in self.working.items():
             sae.load_state_dict(state["saes"][layer])
             self.optimizers[layer].load_state_dict(state["optimizers"][layer])
+        self.normalisation = state["normalisation"]
         self.since_fired = state["since_fired"]
         self.shuffle.set_state(state["shuffle"])
         count = len(state["buffer"])
@@ -353,7 +456,8 @@ class SAEMetrics:
     of firing latents per token; ``dead``: fraction of latents that never fire; next-token losses ``ce_clean``,
     ``ce_spliced`` (the SAE's reconstruction in place of the layer output on every token but each text's first),
     ``ce_zero`` (that output zeroed); ``loss_recovered`` = ``(ce_zero − ce_spliced) / (ce_zero − ce_clean)``;
-    ``ce_increase`` = ``ce_spliced / ce_clean − 1``; ``tokens`` counted.
+    ``ce_increase`` = ``ce_spliced / ce_clean − 1``; ``tokens`` counted. ``problems`` names what makes the SAE
+    unusable (FVU ≥ 1: worse than predicting the mean; most latents never firing); empty when it looks healthy.
     """
 
     fvu: float
@@ -366,9 +470,15 @@ class SAEMetrics:
     loss_recovered: float
     ce_increase: float
     tokens: int
+    problems: tuple[str, ...] = ()
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
 
     def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+        """The numbers (``problems`` left out)."""
+        return {key: value for key, value in asdict(self).items() if key != "problems"}
 
     def __getitem__(self, name: str) -> float:
         """``metrics["fvu"]``, the dict access of the previous release (deprecated: use ``metrics.fvu``)."""
@@ -428,6 +538,12 @@ def evaluate_saes(model: nn.Module, tokenizer: Any, saes: Sequence[SparseAutoenc
         n = part["n"]
         fvu = part["err"] / (part["sq"] - float((part["sum"] ** 2).sum()) / n)
         spliced, zero = ce[(layer, "spliced")] / tokens, ce[(layer, "zero")] / tokens
-        results[layer] = SAEMetrics(fvu, 1 - fvu, part["l0"] / n, float((~fired[layer]).float().mean()), ce_clean,
-                                    spliced, zero, (zero - spliced) / (zero - ce_clean), spliced / ce_clean - 1, n)
+        dead = float((~fired[layer]).float().mean())
+        problems = tuple(problem for problem, bad in (
+            (f"held-out FVU {fvu:.3f} >= 1 (worse than predicting the mean)", fvu >= 1),
+            (f"{dead:.0%} of the latents never fire on the held-out text", dead > 0.5)) if bad)
+        for problem in problems:
+            warnings.warn(f"SAE at layer {layer}: {problem}", stacklevel=2)
+        results[layer] = SAEMetrics(fvu, 1 - fvu, part["l0"] / n, dead, ce_clean, spliced, zero,
+                                    (zero - spliced) / (zero - ce_clean), spliced / ce_clean - 1, n, problems)
     return results

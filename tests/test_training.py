@@ -21,6 +21,9 @@ def texts(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(n)]
 
 
+SILENCED = 4.0
+
+
 def config(**overrides) -> TrainConfig:
     base = dict(layers=[1, 2], d_sae=256, k=8, batch_tokens=256, total_tokens=60_000, buffer_tokens=2048,
                 text_batch_size=16, context_length=64, log_every=10, seed=0, dead_after_tokens=20_000, lr=3e-3)
@@ -71,28 +74,30 @@ def test_saelens_reads_the_trained_saes(trained):
 
 def test_auxk_revives_dead_latents():
     model, tokenizer = tiny_model("qwen3"), tiny_tokenizer()
-    revived = {}
+    revived, logged_dead = {}, {}
     for coef in (0.0, 1 / 32):
         trainer = SAETrainer(model, tokenizer, config(layers=[1], total_tokens=100_000, aux_coef=coef,
                                                        dead_after_tokens=2_000))
-        with torch.no_grad():
-            trainer.saes[1].b_enc[:128] = -0.5  # half the latents start dead (pre-activations are ~0.1-0.3)
+        with torch.no_grad():  # half the latents start dead (normalised inputs: pre-activations are ~N(0, 1))
+            trainer.working[1].b_enc[:128] = -SILENCED
         trainer.fit(texts(400), progress=False)
         sample = layer_outputs(model, [1], **tokenizer(texts(200, seed=2), return_tensors="pt", padding=True))[1]
         values, indices = trainer.saes[1].encode_topk(sample.reshape(-1, 64))
         revived[coef] = len(set(indices[values > 0].tolist()) & set(range(128))) / 128
+        logged_dead[coef] = trainer.history[-1]["sae/L1/dead"]
     assert revived[0.0] < 0.05  # without AuxK the silenced latents stay dead
+    assert logged_dead[0.0] >= 0.45  # and the log says so (they never fired: dead from the first step)
     assert revived[1 / 32] > 0.3
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     model, tokenizer = tiny_model("qwen3"), tiny_tokenizer()
     data = texts(300)
-    full = SAETrainer(model, tokenizer, config(total_tokens=12_800))
+    full = SAETrainer(model, tokenizer, config(total_tokens=12_800, dead_after_tokens=2_000))
     full.fit(data, progress=False)
-    first = SAETrainer(model, tokenizer, config(total_tokens=6_400, checkpoint_every=25))
+    first = SAETrainer(model, tokenizer, config(total_tokens=6_400, checkpoint_every=25, dead_after_tokens=2_000))
     first.fit(data, tmp_path, progress=False)
-    second = SAETrainer(model, tokenizer, config(total_tokens=12_800, checkpoint_every=25))
+    second = SAETrainer(model, tokenizer, config(total_tokens=12_800, checkpoint_every=25, dead_after_tokens=2_000))
     second.fit(data, tmp_path, resume=True, progress=False)
     assert second.step == full.step == 50
     for layer in (1, 2):
@@ -154,3 +159,55 @@ def test_training_on_cached_activations():
     assert trainer.history[-1]["sae/L1/fvu"] < 0.5 * trainer.history[0]["sae/L1/fvu"]
     with pytest.raises(ValueError, match=r"activations must be \[N, 2, 64\]"):
         trainer.fit_activations(cached[:, :1])
+
+
+def planted(model, massive: float = 300.0, dimension: int = 7):
+    """``model`` whose layer-1 output carries a huge constant on one dimension ("massive activations", as real
+    LLMs' middle layers do): a forward hook registered before any of qscope's, so the SAE reads it."""
+    def add(_module, _inputs, output):
+        output = output.clone()
+        output[..., dimension] += massive
+        return output
+
+    model.model.layers[1].register_forward_hook(add)
+    return model
+
+
+@pytest.mark.parametrize("massive", [0.0, 300.0])
+def test_defaults_train_a_usable_sae_with_and_without_a_massive_dimension(massive):
+    """The trainer's defaults (learning rate, dead-latent window) on a plain tiny model and on one whose residual
+    has a planted massive dimension (300 against a typical token norm of ~1): explained variance >= 0.8 and at
+    most 20 % dead latents on held-out text in both. Before the input normalisation the massive case gave an
+    explained variance of about -5e4 with 92 % dead latents while the log said dead 0.00."""
+    model, tokenizer = planted(tiny_model("qwen3"), massive) if massive else tiny_model("qwen3"), tiny_tokenizer()
+    defaults = TrainConfig(layers=[1], d_sae=256, k=8, batch_tokens=256, total_tokens=60_000, buffer_tokens=2048,
+                           context_length=64, seed=0)
+    trainer = SAETrainer(model, tokenizer, defaults)
+    trainer.fit(texts(400), progress=False)
+    metrics = evaluate_saes(model, tokenizer, list(trainer.saes.values()), texts(200, seed=1))[1]
+    assert metrics.explained >= 0.8 and metrics.dead <= 0.2, metrics
+    assert metrics.healthy and not trainer.problems
+    with torch.no_grad():  # the folded SAE reads raw activations as the working one reads normalised ones
+        x = layer_outputs(model, [1], **tokenizer(texts(4, seed=5), return_tensors="pt", padding=True))[1][:, 1:]
+        x = x.reshape(-1, 64)
+        mean, scale = trainer.normalisation[1]
+        working = trainer.working[1](((x.double() - mean) / scale).float())
+        torch.testing.assert_close(trainer.saes[1](x), (working.double() * scale + mean).float(), rtol=1e-4,
+                                   atol=1e-3)
+
+
+def test_a_failed_run_is_flagged_in_the_log_the_warnings_and_the_metrics():
+    model, tokenizer = tiny_model("qwen3"), tiny_tokenizer()
+    trainer = SAETrainer(model, tokenizer, config(layers=[1], total_tokens=12_800, lr=1e-9))
+    with torch.no_grad():
+        trainer.working[1].b_enc.fill_(-100.0)  # no latent can fire
+    with pytest.warns(UserWarning, match="layer 1: 100% of the latents never fired"):
+        trainer.fit(texts(100), progress=False)
+    assert trainer.history[-1]["sae/L1/dead"] == 1.0
+    assert any("training FVU" in problem for problem in trainer.problems)
+    with pytest.warns(UserWarning, match="never fire on the held-out text"):
+        metrics = evaluate_saes(model, tokenizer, list(trainer.saes.values()), texts(20, seed=1))[1]
+    assert not metrics.healthy and any("FVU" in problem for problem in metrics.problems)
+    with pytest.warns(UserWarning, match="dead_after_tokens=50000 >= total_tokens=10000"):
+        TrainConfig(layers=[1], total_tokens=10_000, dead_after_tokens=50_000)
+    assert TrainConfig(layers=[1], total_tokens=300_000).dead_window == 30_000
