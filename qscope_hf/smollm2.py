@@ -40,21 +40,12 @@ def load_model(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` of SmolLM2-135M-Instruct, in eval mode, with left padding for batched generation."""
     if importlib.util.find_spec("gguf") is None:
         raise MissingDependencyError(f"loading SmolLM2's GGUF file needs the gguf package: {INSTALL_HINT}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .loading import load_gguf
 
-    directory = model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=GGUF_FILE, dtype=dtype)
-    # The GGUF weights are dequantised into plain ``dtype`` tensors on load; drop the quantizer marker, which would
-    # otherwise make every Trainer refuse to fine-tune the model ("GGUF does not support training").
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
+    model, tokenizer = load_gguf(model_dir(), GGUF_FILE, dtype=dtype)
     # Name the model by its hub id, not by the site-packages path it was read from (model cards, PEFT adapters).
     model.config._name_or_path = model.name_or_path = HUB_ID
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+    return model, tokenizer
 
 
 def shipped_layers() -> list[int]:

@@ -6,7 +6,8 @@ counted twice) and, at the trainer's logging steps, logs per feature the firing 
 where ``ReLU(f_s(x)) > threshold``) and the mean activation, as ``sae/L{layer}/f{feature}/rate`` and ``.../mean``
 in the trainer's normal logs, so they reach TensorBoard / W&B like any metric. An optional probe set is run (one
 extra no-grad forward at each logging step) and logged under ``sae/probe/``. What it watches is saved next to each
-checkpoint (``qscope_monitor.json``).
+checkpoint (``qscope_monitor.json``). Probe statistics leave out each text's first token, as SAE training does
+(its residual norm is an outlier in many models).
 
 Completion tokens are those with ``labels != -100`` (SFT), the last ``logits_to_keep`` real tokens (GRPO), or all
 real tokens otherwise. Activations are read from each feature's own encoder row (no full encode).
@@ -271,7 +272,9 @@ class SAEFeatureMonitorCallback(TrainerCallback):
             captured = layer_outputs(inner, list(self.saes), **inputs)
         finally:
             inner.train(was_training)
+        real = inputs["attention_mask"].bool()
+        counted = real & (real.long().cumsum(1) > 1)  # each text's first token (BOS, an outlier norm) left out
         tokens = 0.0
         for layer in self.saes:
-            tokens = self._record(layer, captured[layer], inputs["attention_mask"].bool(), counts, sums)
+            tokens = self._record(layer, captured[layer], counted, counts, sums)
         return self._metrics(f"{self.prefix}/probe", counts, sums, tokens)

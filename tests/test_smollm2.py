@@ -75,3 +75,23 @@ def test_loaded_model_is_plain_and_trainable(smollm2):
     assert not model.is_quantized and not hasattr(model.config, "quantization_config")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     validate_quantization_for_training(model)
+
+
+def test_a_gguf_file_or_its_directory_loads_as_a_model_that_saves(tmp_path, smollm2):
+    from transformers import AutoModelForCausalLM
+
+    from qscope_hf.loading import load_model
+    from qscope_hf.smollm2 import GGUF_FILE, model_dir
+
+    model, tokenizer = smollm2
+    ids = tokenizer(["The sea is"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    for source in (model_dir(), model_dir() / GGUF_FILE):  # `qscope ... --model DIR` or `--model FILE.gguf`
+        loaded, loaded_tokenizer = load_model(str(source))
+        assert loaded_tokenizer(["The sea is"])["input_ids"][0] == ids[0].tolist()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids).logits, want)
+    loaded.save_pretrained(tmp_path)  # the GGUF quantisation marker is gone: a plain checkpoint
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path)(input_ids=ids).logits, want)

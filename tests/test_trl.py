@@ -76,10 +76,20 @@ def test_monitor_callback_logs_rates_of_the_training_forward(tmp_path, sae):
         handle.remove()
     logs = next(entry for entry in trainer.state.log_history if "loss" in entry)
     acts = torch.cat(hand_sft_acts(model, tiny_tokenizer(), sae, features))  # lr=0: weights as in the forward
+    probe = []  # the probe texts' activations by hand, each text's first token left out
+    with torch.no_grad():
+        for text in ["hello", "blue sky"]:
+            ids = torch.tensor([tiny_tokenizer()(text)["input_ids"]])
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[LAYER + 1][0, 1:]
+            probe.append((hidden @ sae.W_enc[features].detach().T + sae.b_enc[features].detach()).relu())
+    probe = torch.cat(probe)
     for column, feature in enumerate(features):
         assert logs[f"sae/L1/f{feature}/rate"] == pytest.approx(float((acts[:, column] > 0).float().mean()), abs=1e-6)
         assert logs[f"sae/L1/f{feature}/mean"] == pytest.approx(float(acts[:, column].mean()), rel=1e-4, abs=1e-6)
-        assert f"sae/probe/L1/f{feature}/rate" in logs
+        assert logs[f"sae/probe/L1/f{feature}/rate"] == pytest.approx(float((probe[:, column] > 0).float().mean()),
+                                                                      abs=1e-6)
+        assert logs[f"sae/probe/L1/f{feature}/mean"] == pytest.approx(float(probe[:, column].mean()), rel=1e-4,
+                                                                      abs=1e-6)
     plain = sft_trainer(tmp_path, tiny_model("qwen3"), lr=0.0)
     plain_forwards = []
     handle = decoder_layers(plain.model)[0].register_forward_hook(lambda *a: plain_forwards.append(1))
