@@ -23,7 +23,9 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -65,16 +67,24 @@ def threads_tokens_per_second(model, input_ids, new_tokens: int, processors: lis
     return len(processors) * input_ids.shape[0] * new_tokens / (time.perf_counter() - start)
 
 
+def alternating_medians(configs: dict[str, Any], measure: Callable[[Any, bool], float],
+                        repeats: int) -> dict[str, float]:
+    """The median of ``measure(config, warm_up=False)`` per config over ``repeats`` rounds, the configs alternating
+    within each round (so drift in machine speed hits all of them alike), after one ``warm_up=True`` call each."""
+    for config in configs.values():
+        measure(config, True)
+    speeds: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(repeats):
+        for name, config in configs.items():
+            speeds[name].append(measure(config, False))
+    return {name: statistics.median(values) for name, values in speeds.items()}
+
+
 def two_threads(model, sae, input_ids, args) -> dict:
     modes = {"none": [[], []], "add": [[SAELogitsProcessor(model, Steering(sae, [1, 2], [4.0, -4.0]))],
                                        [SAELogitsProcessor(model, Steering(sae, 3, -4.0))]]}
-    for processors in modes.values():
-        threads_tokens_per_second(model, input_ids, 8, processors)
-    speeds = {mode: [] for mode in modes}
-    for _ in range(args.repeats):
-        for mode, processors in modes.items():
-            speeds[mode].append(threads_tokens_per_second(model, input_ids, args.new_tokens, processors))
-    median = {mode: statistics.median(v) for mode, v in speeds.items()}
+    median = alternating_medians(modes, lambda processors, warm: threads_tokens_per_second(
+        model, input_ids, 8 if warm else args.new_tokens, processors), args.repeats)
     return {"none_tok_s": median["none"], "add_tok_s": median["add"], "add_ratio": median["add"] / median["none"]}
 
 
@@ -98,15 +108,9 @@ def compiled_model(model, sae, input_ids, args) -> dict:
         with steered(compiled, spec):
             return compiled(**inputs)
 
-    calls = {"eager": model, "compiled": compiled, "steered": steered_call}
-    with torch.no_grad():
-        for call in calls.values():  # warm-up, and compilation
-            call(input_ids=input_ids)
-    speeds = {name: [] for name in calls}
-    for _ in range(args.repeats):
-        for name, call in calls.items():
-            speeds[name].append(forwards_per_second(call, input_ids))
-    median = {name: statistics.median(v) for name, v in speeds.items()}
+    calls = {"eager": model, "compiled": compiled, "steered": steered_call}  # the warm-up call compiles
+    median = alternating_medians(calls, lambda call, warm: forwards_per_second(call, input_ids, 1 if warm else 20),
+                                 args.repeats)
     return {**{f"{name}_fwd_s": v for name, v in median.items()},
             "steered_ratio": median["steered"] / median["compiled"]}
 
@@ -140,13 +144,8 @@ def main() -> None:
             modes = {"none": [],
                      "add": [SAELogitsProcessor(model, Steering(sae, [1, 2], [4.0, -4.0]))],
                      "gated": [SAELogitsProcessor(model, Steering(sae, 1, -4.0, mode="gated"))]}
-            for processors in modes.values():  # warm-up
-                tokens_per_second(model, input_ids, 8, processors)
-            speeds = {mode: [] for mode in modes}
-            for _ in range(args.repeats):
-                for mode, processors in modes.items():
-                    speeds[mode].append(tokens_per_second(model, input_ids, args.new_tokens, processors))
-            median = {mode: statistics.median(v) for mode, v in speeds.items()}
+            median = alternating_medians(modes, lambda processors, warm, model=model, ids=input_ids: tokens_per_second(
+                model, ids, 8 if warm else args.new_tokens, processors), args.repeats)
             row = {"model": name, "batch": batch, **{f"{m}_tok_s": v for m, v in median.items()},
                    "add_ratio": median["add"] / median["none"], "gated_ratio": median["gated"] / median["none"]}
             rows.append(row)
