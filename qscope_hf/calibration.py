@@ -147,3 +147,17 @@ def calibrate_strength(model: nn.Module, tokenizer: Any, steering: Steering, tex
         else:
             high = middle
     return Calibration(steering.scaled(low), low, baseline, max_ce_increase, sorted(curve.items()))
+
+
+def absolute_steering(steering: Steering, model: nn.Module, tokenizer: Any, texts: Sequence[str] = NEUTRAL_TEXTS, *,
+                      batch_size: int = 8, max_length: int = 256) -> Steering:
+    """``steering`` (``relative=True``) with absolute strengths for ``model``: the relative strengths times the
+    median residual norm at the spec's layer over ``texts`` (each text's first token left out, as ``relative=True``
+    measures it on each prompt). What :func:`qscope_hf.export.export_control_vector` and ``bake_steering`` need."""
+    from .discovery import residual_norm
+
+    if not isinstance(steering, Steering):
+        raise ArgumentTypeError(f"expected a Steering spec, got {type(steering).__name__}")
+    steering.check_fits(model)
+    return steering.absolute(residual_norm(model, tokenizer, steering.layer, list(texts), batch_size=batch_size,
+                                           max_length=max_length))

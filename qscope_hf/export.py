@@ -63,8 +63,9 @@ def _constant_vectors(steerings: Steering | Sequence[Steering], model: nn.Module
             raise ConfigError(f"positions={spec.positions!r} steers only some tokens; a control vector is added at "
                               "every position (use positions='all')")
         if spec.relative:
-            raise ConfigError("relative=True strengths are measured on each prompt; export absolute strengths "
-                              "(spec.scaled(norm) with relative=False, norm e.g. from discovery.residual_norm)")
+            raise ConfigError("relative=True strengths are measured on each prompt; a constant vector needs absolute "
+                              "ones: qscope_hf.calibration.absolute_steering(spec, model, tokenizer, texts) measures "
+                              "the layer's residual norm on texts and converts the spec (or spec.absolute(norm))")
         if spec.layer == 0 and control_vector:
             raise ConfigError("llama.cpp cannot steer block 0 (direction.0 is rejected): steer layer 1 or later")
         if model is not None:

@@ -43,6 +43,7 @@ from .compat import check_transformers
 from .errors import ArgumentTypeError, ConfigError, PositionError, SteeringNotActiveError, UnsupportedError
 from .hooks import check_layer, check_sae_fits, hidden_size, hook_layers, unwrap_model
 from .sae import FeatureReader, SparseAutoencoder
+from .validation import finite
 
 Positions = Literal["all", "prompt", "generated"]
 Mode = Literal["add", "clamp", "gated"]
@@ -150,6 +151,15 @@ class Steering:
     def scaled(self, factor: float) -> Steering:
         """This spec with every strength multiplied by ``factor``."""
         return replace(self, strength=(self.strengths * factor).tolist())
+
+    def absolute(self, unit: float) -> Steering:
+        """This ``relative=True`` spec with absolute strengths: each multiplied by ``unit``, the residual norm the
+        relative strengths are in units of (e.g. :func:`qscope_hf.discovery.residual_norm` on a text set, or
+        :func:`qscope_hf.calibration.absolute_steering`, which measures it)."""
+        if not self.relative:
+            raise ConfigError("absolute() converts a relative=True spec; this one's strengths are absolute already")
+        finite("unit", unit, positive=True)
+        return replace(self, strength=(self.strengths * unit).tolist(), relative=False)
 
     def check_fits(self, model: nn.Module) -> int:
         """Check that the spec can steer ``model`` (layer in range, width equal to the hidden size); the layer."""

@@ -258,3 +258,27 @@ def test_llama_cpp_steers_into_french_where_transformers_does(tmp_path, smollm2)
     cpp_text = tokenizer.decode(llama_cpp_greedy(directory / GGUF_FILE, prompt, path, 24))
     assert not french(plain_text) and french(hf_text), (plain_text, hf_text)
     assert french(cpp_text), (hf_text, cpp_text)
+
+
+def test_a_relative_spec_becomes_an_absolute_one_that_exports(tmp_path, llama, sae):
+    from qscope_hf.calibration import absolute_steering
+    from qscope_hf.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    text = "the sea is calm and blue today"
+    relative = Steering(sae, [3, 5], [0.5, -0.25], relative=True)
+    with pytest.raises(ConfigError, match=r"absolute_steering\(spec, model, tokenizer, texts\)"):
+        export_control_vector(relative, tmp_path / "x.gguf", model=llama)
+    absolute = absolute_steering(relative, llama, tokenizer, [text])
+    ids = tokenizer([text], return_tensors="pt")["input_ids"]
+    with torch.no_grad():  # one prompt: relative=True measures the unit on exactly these tokens
+        hidden = llama(input_ids=ids, output_hidden_states=True).hidden_states[sae.layer + 1][0, 1:]
+        unit = float(hidden.norm(dim=-1).median())
+        assert absolute.strengths.tolist() == pytest.approx([0.5 * unit, -0.25 * unit], rel=1e-5)
+        with steered(llama, relative):
+            want = llama(input_ids=ids).logits
+        with steered(llama, absolute):
+            torch.testing.assert_close(llama(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+    assert not absolute.relative and export_control_vector(absolute, tmp_path / "x.gguf", model=llama).exists()
+    with pytest.raises(ConfigError, match="absolute already"):
+        absolute.absolute(2.0)
