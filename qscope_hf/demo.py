@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -19,6 +20,7 @@ from .calibration import calibrate_strength
 from .corpus import chat_token_ids
 from .discovery import activation_stats, contrast_features
 from .errors import ConfigError
+from .formats import layers_in
 from .hooks import check_sae_fits, layer_outputs
 from .output_scores import logit_lens, output_scores, rank_features
 from .sae import SparseAutoencoder, fraction_of_variance_unexplained
@@ -28,7 +30,8 @@ from .tiny import tiny_model, tiny_sae, tiny_tokenizer
 #: Contrast candidates re-ranked by output score.
 CANDIDATES = 40
 INSTRUCTION = " Answer in French."
-#: The steering strength of the demo, in units of each prompt's residual norm: the study's best with the prompt.
+#: The steering strength of the demo, in units of each prompt's residual norm: the study's best with the prompt on
+#: SmolLM2. On another model the demo steers at its calibrated budget instead when that is smaller.
 GENTLE_STRENGTH = 0.1
 
 
@@ -90,24 +93,31 @@ def contrast_demo(model, tokenizer, sae: SparseAutoencoder, prompt: str, contras
         echo(f"  #{r.feature:<5d} rate FR-EN {r.input_score:+.2f}  output {r.output_score:+.3f}  {' '.join(tokens)!r}")
     chosen = ranked[0].feature
     budget = calibrate_strength(model, tokenizer, Steering(sae, chosen, 1.0, relative=True))
-    spec = Steering(sae, chosen, GENTLE_STRENGTH, relative=True)
+    strength = min(GENTLE_STRENGTH, budget.strength)  # gentle, and never past this model's calibrated budget
+    spec = Steering(sae, chosen, strength, relative=True)
     options = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     texts = {}
     for name, question, extra in (("unsteered", prompt, {}), ("instruction", prompt + INSTRUCTION, {}),
                                   ("instruction + steering", prompt + INSTRUCTION,
                                    {"logits_processor": [SAELogitsProcessor(model, spec)]})):
-        ids = torch.tensor([chat_token_ids(tokenizer, question)])
+        ids = torch.tensor([question_ids(tokenizer, question)])
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options, **extra)
         texts[name] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     echo(f"\ngeneration, unsteered:\n  {texts['unsteered']!r}")
     echo(f"with the instruction {INSTRUCTION.strip()!r}:\n  {texts['instruction']!r}")
-    echo(f"with the instruction and feature #{chosen} added at {GENTLE_STRENGTH} x each prompt's residual norm "
-         f"(the loss budget of +{budget.max_ce_increase} nats on neutral text allows up to {budget.strength:.2f}):"
+    echo(f"with the instruction and feature #{chosen} added at {strength:.3g} x each prompt's residual norm "
+         f"(calibrated: the loss budget of +{budget.max_ce_increase} nats on neutral text allows up to "
+         f"{budget.strength:.3g}; the demo uses {GENTLE_STRENGTH} or the budget, whichever is smaller):"
          f"\n  {texts['instruction + steering']!r}")
-    echo("on 30 held-out questions (benchmarks/RESULTS.md §5) no SAE feature steers SmolLM2 into French on its "
-         "own, and adding one to the instruction does not beat the instruction alone; for a topic (the sea) a gentle "
-         "SAE-TS targeted vector plus the instruction does best.")
-    return {"feature": chosen, "strength": GENTLE_STRENGTH, "calibrated": budget.strength, **texts}
+    return {"feature": chosen, "strength": strength, "calibrated": budget.strength, **texts}
+
+
+def question_ids(tokenizer, question: str) -> list[int]:
+    """A question as the model expects it: a chat turn through the chat template, or for a base model (no
+    template) a "Question: … Answer:" completion prompt."""
+    if getattr(tokenizer, "chat_template", None):
+        return chat_token_ids(tokenizer, question)
+    return tokenizer(f"Question: {question}\nAnswer:")["input_ids"]
 
 
 def run_demo(model_name: str = "smollm2", sae_source: str | None = None, layer: int | None = None,
@@ -118,13 +128,38 @@ def run_demo(model_name: str = "smollm2", sae_source: str | None = None, layer: 
     from .loading import load_model, load_sae
     from .smollm2 import ASSETS, shipped_metrics
 
+    if sae_source is None and model_name != "smollm2":
+        raise ConfigError(f"the shipped SAEs are SmolLM2's: pass --sae (a Qwen-Scope release, an SAE directory or "
+                          f"file) and --layer for --model {model_name}")
+    if sae_source is not None and layer is None:
+        layer = _only_layer(sae_source)
     model, tokenizer = load_model(model_name)
     if sae_source is None:
         sae_source, layer = "smollm2", layer or shipped_metrics()["layers"][0]
         echo(f"SmolLM2-135M-Instruct with qscope's layer-{layer} SAE (explained variance on held-out text "
              f"{shipped_metrics()['metrics'][str(layer)]['explained']:.2f})")
-    if layer is None:
-        raise ConfigError("pass --layer with --sae")
     sae = load_sae(sae_source, layer, model=model)
     contrast = json.loads((ASSETS / "steering_texts.json").read_text())
-    return contrast_demo(model, tokenizer, sae, prompt or "Tell me about your morning.", contrast, echo=echo)
+    shown = contrast_demo(model, tokenizer, sae, prompt or "Tell me about your morning.", contrast, echo=echo)
+    if model_name == "smollm2":
+        echo("on 30 held-out questions (benchmarks/RESULTS.md §5) no SAE feature steers SmolLM2 into French on its "
+             "own, and adding one to the instruction does not beat the instruction alone; for a topic (the sea) a "
+             "gentle SAE-TS targeted vector plus the instruction does best.")
+    return shown
+
+
+def _only_layer(sae_source: str) -> int:
+    """The layer of the SAE at ``sae_source`` when it holds exactly one; else an error asking for --layer."""
+    path = Path(sae_source)
+    if path.is_dir() and layers_in(path):
+        layers = layers_in(path)
+        if len(layers) != 1:
+            raise ConfigError(f"{path} holds SAEs for layers {layers}: pass --layer")
+        return layers[0]
+    try:
+        sae = SparseAutoencoder.from_pretrained(sae_source)
+    except ConfigError as error:
+        raise ConfigError(f"pass --layer: {error}") from None
+    if sae.layer is None:
+        raise ConfigError(f"{sae_source} does not say which layer it reads: pass --layer")
+    return sae.layer

@@ -310,7 +310,8 @@ def _read_sparsify(directory: Path, layer: int | None, overrides: dict[str, Any]
     return Checkpoint(SAEConfig.from_dict(meta), tensors)
 
 
-def _layers_in(directory: Path) -> list[int]:
+def layers_in(directory: Path) -> list[int]:
+    """The layers of the ``layer{n}.sae.pt`` / ``layer{n}.safetensors`` files in ``directory``."""
     return sorted({int(m.group(1)) for p in directory.iterdir() if (m := _LAYER_FILE.match(p.name))})
 
 
@@ -329,7 +330,7 @@ def _read_local(path: Path, layer: int | None, overrides: dict[str, Any]) -> Che
                       and int(_HF_LAYER.match(p.name).group(1)) == layer and (p / SPARSIFY_WEIGHTS).exists()]
         if len(hookpoints) == 1:  # a sparsify run directory: one sub-directory per hook point
             return _read_sparsify(hookpoints[0], layer, overrides)
-    present = _layers_in(path)
+    present = layers_in(path)
     if layer is None:
         if len(present) != 1:
             raise ConfigError(f"{path} holds layers {present}: pass layer=...")

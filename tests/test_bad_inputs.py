@@ -42,6 +42,7 @@ from qscope_hf import (
 from qscope_hf.calibration import calibrate_strength
 from qscope_hf.cli import main
 from qscope_hf.compat import check_transformers, check_trl
+from qscope_hf.demo import run_demo
 from qscope_hf.export import bake_steering, export_control_vector, import_control_vector
 from qscope_hf.loading import load_texts
 from qscope_hf.output_scores import output_scores
@@ -246,6 +247,10 @@ CASES = [
      "bin.csv is not UTF-8 text"),
     ("corpus without the column", lambda w: load_texts(write(w, "c.csv", b"body\nhello\n")), MissingColumnError,
      KeyError, "no text column 'text'"),
+    ("demo of another model without an SAE", lambda w: run_demo("org/other-model"), ConfigError, ValueError,
+     "the shipped SAEs are SmolLM2's: pass --sae"),
+    ("demo of an SAE directory with two layers", lambda w: run_demo("tiny-dir", str(write_tiny_release(
+        w.tmp / "two", layers=[1, 2]))), ConfigError, ValueError, r"holds SAEs for layers \[1, 2\]: pass --layer"),
     ("train config k 0", lambda w: TrainConfig(layers=[1], k=0), ConfigError, ValueError, "k"),
     ("transformers 4", lambda w: check_transformers("4.57.1"), UnsupportedError, RuntimeError,
      "found transformers 4.57.1"),

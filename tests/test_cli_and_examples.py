@@ -63,3 +63,15 @@ def test_export_steering_example(tmp_path):
     out = run_example_with(["export_steering.py", str(tmp_path)])
     assert "direction.15" in out and "same tokens: True" in out
     assert (tmp_path / "french.gguf").stat().st_size > 0 and (tmp_path / "smollm2-french" / "config.json").exists()
+
+
+def test_demo_questions_a_base_model_without_a_chat_template_and_finds_the_only_layer(tmp_path):
+    from qscope_hf.demo import _only_layer, question_ids
+    from qscope_hf.tiny import tiny_tokenizer, write_tiny_release
+
+    chat = tiny_tokenizer()
+    base = tiny_tokenizer()
+    base.chat_template = None
+    assert chat.decode(question_ids(chat, "Hi?")) == "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
+    assert base.decode(question_ids(base, "Hi?")) == "Question: Hi?\nAnswer:"
+    assert _only_layer(str(write_tiny_release(tmp_path, layers=[2]))) == 2
