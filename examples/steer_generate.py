@@ -1,7 +1,7 @@
 """Steer model.generate with an SAE feature found by contrast: the four steps a user takes.
 
 1. collect activation statistics of an SAE on two small corpora (here: digits vs words);
-2. rank features by the difference of their firing rates (qscope suggests strengths);
+2. rank features by the difference of their firing rates (and the sign that steers towards the first corpus);
 3. steer generation with the top feature through a plain LogitsProcessor;
 4. compare steered and unsteered text.
 
@@ -27,7 +27,10 @@ rows = contrast_features(stats_digits, stats_words, top=3)
 print(format_contrast(rows))
 
 best = rows[0]
-strength = best.strengths[-1] or 20.0  # the strongest suggestion, towards the digits corpus
+# Towards the digits corpus. On a real model, calibrate the strength instead of fixing it:
+# calibrate_strength(model, tokenizer, Steering(sae, best.feature, best.sign)).strength (qscope_hf.calibration);
+# the tiny random model's near-uniform logits do not respond to steering, so there is nothing to calibrate here.
+strength = 20.0 * best.sign
 steer = Steering(sae, best.feature, strength, positions="all")
 processor = SAELogitsProcessor(model, steer)
 

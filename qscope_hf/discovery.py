@@ -3,11 +3,14 @@
 :func:`activation_stats` runs one forward per batch for every requested layer, encodes each layer with its SAE
 (top-k, through :mod:`qscope_hf.ops`) and accumulates per feature: how often it fires (activation > 0), the sum
 and maximum of its activation, and its top-activating contexts. :func:`contrast_features` ranks features by the
-difference of firing rates (or mean activations) between two corpora and suggests steering strengths.
+difference of firing rates (or mean activations) between two corpora and says which way to steer each; how hard
+is for :func:`qscope_hf.calibration.calibrate_strength` to say (raw strengths do not transfer between features,
+layers or models).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -21,12 +24,10 @@ from .hooks import check_sae_fits
 from .sae import SparseAutoencoder
 from .validation import non_negative_int, positive_int
 
-#: Multipliers of the firing-rate difference (in percentage points) for suggested strengths, and the strengths
-#: to use without comparison data (the Qwen-Scope demo's presets; the percentage-point reading is ours).
+#: Multipliers of the firing-rate difference (in percentage points) behind the deprecated ``ContrastRow.strengths``.
 CONTRAST_MULTIPLIERS = (0.5, 2.0, 10.0)
 ContrastBy = Literal["rate", "mean"]
 CONTRAST_BY: tuple[ContrastBy, ...] = get_args(ContrastBy)
-DEFAULT_STRENGTHS = (5.0, 20.0, 100.0)
 
 @dataclass
 class FeatureContext:
@@ -197,7 +198,7 @@ def common_tokens(tokenizer: Any, texts_a: Iterable[str], texts_b: Iterable[str]
 
 @dataclass
 class ContrastRow:
-    """One feature's difference between corpus A and corpus B, with strengths to steer towards A."""
+    """One feature's difference between corpus A and corpus B; ``sign`` (+1 or −1) steers towards A."""
 
     layer: int
     feature: int
@@ -205,7 +206,20 @@ class ContrastRow:
     rate_b: float
     mean_a: float
     mean_b: float
-    strengths: tuple[float, float, float]
+
+    @property
+    def sign(self) -> float:
+        """The sign of a strength that steers towards corpus A (+1 when the feature fires more there)."""
+        return 1.0 if self.rate_diff >= 0 else -1.0
+
+    @property
+    def strengths(self) -> tuple[float, float, float]:
+        """Deprecated: absolute strengths from the rate difference, which mean nothing on another model (57 did
+        nothing against a residual norm of 6400). Calibrate instead (:func:`qscope_hf.calibration.calibrate_strength`,
+        ``qscope steer --auto-strength``), starting from ``sign``."""
+        warnings.warn("ContrastRow.strengths does not transfer between models and goes in the next release: use "
+                      "row.sign and calibrate_strength", FutureWarning, stacklevel=2)
+        return tuple(m * 100 * self.rate_diff for m in CONTRAST_MULTIPLIERS)
 
     @property
     def rate_diff(self) -> float:
@@ -225,8 +239,7 @@ def contrast_features(stats_a: FeatureStats | dict[int, FeatureStats], stats_b: 
     """The ``top`` features per layer ranked by ``|rate_A − rate_B|`` (``by="rate"``) or by
     ``|mean_A − mean_B|`` (``by="mean"``), best first.
 
-    ``strengths`` are :data:`CONTRAST_MULTIPLIERS` × the rate difference in percentage points, signed to steer
-    towards A (use :data:`DEFAULT_STRENGTHS` when there is no comparison corpus).
+    Each row's ``sign`` steers towards A; calibrate the strength (:func:`qscope_hf.calibration.calibrate_strength`).
     """
     if by not in CONTRAST_BY:
         raise ConfigError(f"by must be one of {CONTRAST_BY}, got {by!r}")
@@ -241,21 +254,20 @@ def contrast_features(stats_a: FeatureStats | dict[int, FeatureStats], stats_b: 
             raise ConfigError(f"layer {layer}: SAEs differ in width ({sa.sae.d_sae} vs {sb.sae.d_sae})")
         diff = (sa.rate - sb.rate) if by == "rate" else (sa.mean - sb.mean)
         for feature in diff.abs().argsort(descending=True, stable=True)[:top].tolist():
-            points = 100 * float(sa.rate[feature] - sb.rate[feature])
-            strengths = tuple(m * points for m in CONTRAST_MULTIPLIERS)
             rows.append(ContrastRow(layer, feature, float(sa.rate[feature]), float(sb.rate[feature]),
-                                    float(sa.mean[feature]), float(sb.mean[feature]), strengths))
+                                    float(sa.mean[feature]), float(sb.mean[feature])))
     return rows
 
 
 def format_contrast(rows: Sequence[ContrastRow]) -> str:
     """A markdown table of :func:`contrast_features` rows."""
-    lines = ["| layer | feature | rate A | rate B | Δ rate | mean A | mean B | strengths (towards A) |",
+    lines = ["| layer | feature | rate A | rate B | Δ rate | mean A | mean B | steer towards A |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        strengths = " / ".join(f"{s:+.1f}" for s in r.strengths)
         lines.append(f"| {r.layer} | {r.feature} | {r.rate_a:.3f} | {r.rate_b:.3f} | {r.rate_diff:+.3f} | "
-                     f"{r.mean_a:.3f} | {r.mean_b:.3f} | {strengths} |")
+                     f"{r.mean_a:.3f} | {r.mean_b:.3f} | {'+' if r.sign > 0 else '−'} |")
+    lines.append("\nstrength: calibrate it on the model (calibrate_strength, or qscope steer --auto-strength with the "
+                 "sign above); raw strengths do not transfer between features, layers or models")
     return "\n".join(lines)
 
 

@@ -107,17 +107,21 @@ def fake_stats(sae, rates, means, tokens=100):
     return FeatureStats(sae, tokens, fire, acts, torch.zeros(sae.d_sae), empty, empty.long(), empty.long())
 
 
-def test_contrast_ranks_by_rate_difference_and_suggests_strengths(saes):
+def test_contrast_ranks_by_rate_difference_and_gives_the_sign_towards_a(saes):
     sae = saes[0]
     a = fake_stats(sae, {3: 0.50, 7: 0.10, 9: 0.30}, {3: 1.0, 7: 0.2, 9: 2.0})
     b = fake_stats(sae, {3: 0.20, 7: 0.35, 9: 0.29}, {3: 0.9, 7: 0.1, 9: 0.1})
     rows = contrast_features(a, b, top=3)
     assert [(r.layer, r.feature) for r in rows] == [(1, 3), (1, 7), (1, 9)]
-    torch.testing.assert_close(torch.tensor(rows[0].strengths), torch.tensor(CONTRAST_MULTIPLIERS) * 30.0)
-    assert rows[1].rate_diff == pytest.approx(-0.25) and rows[1].strengths[0] < 0
+    assert [r.sign for r in rows] == [1.0, -1.0, 1.0]
+    assert rows[1].rate_diff == pytest.approx(-0.25)
+    with pytest.warns(FutureWarning, match="does not transfer between models"):  # the deprecated absolute numbers
+        torch.testing.assert_close(torch.tensor(rows[0].strengths), torch.tensor(CONTRAST_MULTIPLIERS) * 30.0)
     by_mean = contrast_features(a, b, top=1, by="mean")
     assert by_mean[0].feature == 9 and by_mean[0].mean_diff == pytest.approx(1.9)
-    assert "| 1 | 3 | 0.500 | 0.200 | +0.300 |" in format_contrast(rows)
+    table = format_contrast(rows)
+    assert "| 1 | 3 | 0.500 | 0.200 | +0.300 |" in table and "| 1 | 7 |" in table and "| − |" in table
+    assert "calibrate it on the model" in table
     with pytest.raises(ValueError, match="different layers"):
         contrast_features(a, fake_stats(saes[1], {}, {}))
 
