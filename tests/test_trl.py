@@ -307,6 +307,38 @@ def test_penalty_as_grpo_auxiliary_loss(tmp_path, sae):
     assert any(not torch.allclose(p, plain_lora[n]) for n, p in lora.items())
 
 
+def test_grpo_penalty_with_a_language_column_equals_the_hand_formula(tmp_path, sae):
+    """The GRPO penalty's language path (qscope's override of TRL's private _generate_and_score_completions carries
+    each rollout's language into the loss): the added loss equals the SASFT formula computed by hand on the
+    generated batch, with the completion tokens as the penalised ones and each rollout's own language's features
+    left alone."""
+    reward = lambda completion_ids, **kwargs: [float(len(c)) for c in completion_ids]  # noqa: E731
+    trainer = grpo_trainer(tmp_path, [reward], greedy=True)
+    trainer.train_dataset = Dataset.from_dict({"prompt": GRPO_PROMPTS, "language": ["en", "zh", "en", "zh"]})
+    penalty = penalty_for(sae)
+    add_sae_penalty(trainer, penalty)
+    batch = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+    languages = [penalty.languages[i] for i in batch["sae_language"].tolist()]
+    assert sorted(set(languages)) == ["en", "zh"]  # the dataset's column reached the generated batch
+    model = trainer.model
+    with torch.no_grad():
+        with_penalty = trainer.compute_loss(model, dict(batch))
+        without = GRPOTrainer.compute_loss(trainer, model, {k: v for k, v in batch.items() if k != "sae_language"})
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[LAYER + 1]
+    completion = torch.cat([torch.zeros_like(batch["prompt_mask"]), batch["completion_mask"]], dim=1).bool()
+    alpha = penalty.baselines[LAYER]
+    total, count = 0.0, 0
+    for row, lang in enumerate(languages):
+        for feature in ([3, 9] if lang != "zh" else [100]):  # the features of the other language
+            pre = hidden[row, completion[row]] @ sae.W_enc[feature].detach() + sae.b_enc[feature].detach()
+            total += float((pre - alpha[lang][feature]).relu().sum())
+            count += int(completion[row].sum())
+    assert count > 0 and total > 0
+    assert float(with_penalty - without) == pytest.approx(0.5 * total / (count + 1), rel=1e-4)
+
+
 def test_monitor_callback_in_grpo(tmp_path, sae):
     reward = lambda completion_ids, **kwargs: [float(len(c)) for c in completion_ids]  # noqa: E731
     callback = SAEFeatureMonitorCallback(sae, [3, 9], log_every=1)
