@@ -75,8 +75,9 @@ def test_discover_prints_the_contrast_table(corpora, capsys):
     main(["discover", "--a", str(corpora / "a.txt"), "--b", str(corpora / "b.txt"), "--top", "4"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("| layer | feature | rate A | rate B |")
-    assert len(lines) == 2 + 4
-    assert all(line.startswith("| 1 |") for line in lines[2:])
+    assert len(lines) == 2 + 4 + 2  # header, four rows, a blank line and the advice to calibrate
+    assert all(line.startswith("| 1 |") and line.endswith(("| + |", "| − |")) for line in lines[2:6])
+    assert lines[-1].startswith("strength: calibrate it on the model")
 
 
 def test_discover_by_output_effect(corpora, capsys):

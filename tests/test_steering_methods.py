@@ -141,7 +141,7 @@ def test_target_vocabulary_keeps_frequent_tokens_the_model_rarely_says(tokenizer
 
 
 def row(layer, feature, diff):
-    return ContrastRow(layer, feature, 0.5 + diff / 2, 0.5 - diff / 2, 0.0, 0.0, (0.0, 0.0, 0.0))
+    return ContrastRow(layer, feature, 0.5 + diff / 2, 0.5 - diff / 2, 0.0, 0.0)
 
 
 def test_rank_features_by_input_output_and_both():
