@@ -56,6 +56,12 @@ class LayerBatch:
         return self.real & (self.positions > 0) if skip_first else self.real
 
 
+def without_first_token(real: Tensor) -> Tensor:
+    """``real [B, T]`` (bool, True on real tokens; left or right padding) without each row's first real token, which
+    SAE training, evaluation, probes and relative steering leave out (its residual norm is an outlier)."""
+    return real & (real.long().cumsum(1) > 1)
+
+
 def layer_batches(model: nn.Module, tokenizer: Any, layers: Iterable[int], data: Corpus, *, text_column: str = "text",
                   batch_size: int = 8, max_length: int = 256, progress: bool = True,
                   desc: str = "forward") -> Iterator[LayerBatch]:

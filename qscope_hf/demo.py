@@ -151,8 +151,8 @@ def run_demo(model_name: str = "smollm2", sae_source: str | None = None, layer: 
 def _only_layer(sae_source: str) -> int:
     """The layer of the SAE at ``sae_source`` when it holds exactly one; else an error asking for --layer."""
     path = Path(sae_source)
-    if path.is_dir() and layers_in(path):
-        layers = layers_in(path)
+    layers = layers_in(path) if path.is_dir() else []
+    if layers:
         if len(layers) != 1:
             raise ConfigError(f"{path} holds SAEs for layers {layers}: pass --layer")
         return layers[0]

@@ -142,9 +142,7 @@ class _LayerHook:
 
     def __call__(self, module: nn.Module, _inputs: Any, output: Tensor | tuple) -> Tensor | tuple | None:
         if module is not self.layer:  # a copy's hook: drop it (the hook dict is iterated from a snapshot)
-            for key, hook in list(module._forward_hooks.items()):
-                if hook is self:
-                    del module._forward_hooks[key]
+            _remove_forward_hooks(module, lambda hook: hook is self)
             return None
         if self.block not in _ACTIVE.get():
             return None
@@ -158,12 +156,16 @@ class _LayerHook:
         return _LayerHook, (None, None, None)
 
 
+def _remove_forward_hooks(module: nn.Module, chosen: Callable[[Any], bool]) -> None:
+    for key, hook in list(module._forward_hooks.items()):
+        if chosen(hook):
+            del module._forward_hooks[key]
+
+
 def strip_hooks(model: nn.Module) -> nn.Module:
     """Remove every qscope layer hook from ``model``'s modules (for a copy made inside a hook block); returns it."""
     for module in model.modules():
-        for key, hook in list(module._forward_hooks.items()):
-            if isinstance(hook, _LayerHook):
-                del module._forward_hooks[key]
+        _remove_forward_hooks(module, lambda hook: isinstance(hook, _LayerHook))
     return model
 
 

@@ -235,6 +235,20 @@ class SparseAutoencoder(nn.Module):
         return formats.write(self.cfg, tensors, directory, format)
 
 
+def saes_by_layer(saes: SparseAutoencoder | Sequence[SparseAutoencoder], *, who: str,
+                  hint: str = "") -> dict[int, SparseAutoencoder]:
+    """``{layer: sae}`` for one SAE or a sequence of them: the rule of the monitor and the penalty, which read one SAE
+    per layer (each SAE with its layer set). ``who`` names the caller in errors, ``hint`` ends the message."""
+    saes = [saes] if isinstance(saes, SparseAutoencoder) else list(saes)
+    for sae in saes:
+        if not isinstance(sae, SparseAutoencoder):
+            raise ArgumentTypeError(f"{who} takes SparseAutoencoders, got {type(sae).__name__}")
+    layers = [sae.layer for sae in saes]
+    if None in layers or len(set(layers)) != len(layers):
+        raise ConfigError(f"give one SAE per layer, each with its layer set (got layers {layers}){hint}")
+    return {sae.layer: sae for sae in saes}
+
+
 class TrainingLoss(NamedTuple):
     """What :meth:`SparseAutoencoder.training_loss` returns: ``fvu`` and ``aux`` (0-d, differentiable), and the
     codes ``values`` / ``indices [N, k]``."""

@@ -40,6 +40,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from .classes import add_mixin, remove_mixin
 from .compat import check_transformers
+from .corpus import without_first_token
 from .errors import ArgumentTypeError, ConfigError, PositionError, SteeringNotActiveError, UnsupportedError
 from .hooks import check_layer, check_sae_fits, hidden_size, hook_layers, unwrap_model
 from .sae import FeatureReader, SparseAutoencoder
@@ -337,7 +338,7 @@ class _LayerSteerer:
             real = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         else:
             real = self.prompt.real_on(hidden.device)[self._row_of(rows, hidden.device)][:, :hidden.shape[1]]
-        counted = real & (real.cumsum(1) > 1)
+        counted = without_first_token(real)
         counted = torch.where(counted.any(1, keepdim=True), counted, real)
         norms = hidden.float().norm(dim=-1).masked_fill(~counted, float("nan"))
         return norms.nanmedian(dim=1).values.to(hidden.dtype)[:, None, None]

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .corpus import without_first_token
 from .errors import ConfigError, MissingFileError
 from .hooks import check_layer, hidden_size, hook_layers, layer_outputs
 from .sae import SparseAutoencoder
@@ -220,7 +221,7 @@ class SAETrainer:
         acts = torch.stack([captured[layer] for layer in config.layers], dim=2)  # [B, T, L, d]
         keep = inputs["attention_mask"].bool()
         if config.skip_first:
-            keep &= keep.long().cumsum(1) > 1
+            keep = without_first_token(keep)
         acts = acts[keep]  # [n, L, d]
         if config.norm_filter is not None and len(acts):
             norms = acts.float().norm(dim=-1)  # [n, L]
@@ -512,7 +513,7 @@ def evaluate_saes(model: nn.Module, tokenizer: Any, saes: Sequence[SparseAutoenc
         inputs = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
                            truncation=True, max_length=max_length).to(device)
         real = inputs["attention_mask"].bool()
-        keep = real & (real.long().cumsum(1) > 1)
+        keep = without_first_token(real)
         labels = inputs["input_ids"].masked_fill(~real, -100)
         count = int((labels[:, 1:] != -100).sum())
         tokens += count

@@ -35,9 +35,10 @@ from torch import Tensor, nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from qscope_hf.errors import ArgumentTypeError, ConfigError, UnsupportedError
+from qscope_hf.corpus import without_first_token
+from qscope_hf.errors import ConfigError, UnsupportedError
 from qscope_hf.hooks import check_sae_fits, decoder_layers, layer_hidden, layer_outputs, unwrap_model
-from qscope_hf.sae import SparseAutoencoder
+from qscope_hf.sae import SparseAutoencoder, saes_by_layer
 from qscope_hf.validation import finite, positive_int
 
 #: The file next to a trainer checkpoint that records what the monitor watched.
@@ -80,21 +81,15 @@ class SAEFeatureMonitorCallback(TrainerCallback):
                  features: Features | Mapping[int, Features], *, log_every: int | None = None,
                  threshold: float = 0.0, probe_texts: Sequence[str] | None = None, tokenizer: Any = None,
                  prefix: str = "sae", every: int | None = None) -> None:
-        saes = [saes] if isinstance(saes, SparseAutoencoder) else list(saes)
-        if not saes:
+        self.saes = saes_by_layer(saes, who="SAEFeatureMonitorCallback",
+                                  hint="; to watch two SAEs of one layer, add one monitor per SAE with "
+                                       "different prefix= values")
+        if not self.saes:
             raise ConfigError("SAEFeatureMonitorCallback needs at least one SAE")
-        for sae in saes:
-            if not isinstance(sae, SparseAutoencoder):
-                raise ArgumentTypeError(f"SAEFeatureMonitorCallback takes SparseAutoencoders, got {type(sae).__name__}")
-        layers = [sae.layer for sae in saes]
-        if None in layers or len(set(layers)) != len(layers):
-            raise ConfigError(f"give one SAE per layer, each with its layer set (got layers {layers}); to watch two "
-                              "SAEs of one layer, add one monitor per SAE with different prefix= values")
-        self.saes = {sae.layer: sae for sae in saes}
         if not (isinstance(features, Mapping) and features and all(isinstance(k, int) for k in features)):
-            if len(saes) != 1:
+            if len(self.saes) != 1:
                 raise ConfigError("with several SAEs, pass features as a mapping layer -> feature ids")
-            features = {saes[0].layer: features}
+            features = {next(iter(self.saes)): features}
         unknown = sorted(set(features) - set(self.saes))
         if unknown:
             raise ConfigError(f"features are given for layers {unknown} but the SAEs read layers {sorted(self.saes)}")
@@ -272,8 +267,7 @@ class SAEFeatureMonitorCallback(TrainerCallback):
             captured = layer_outputs(inner, list(self.saes), **inputs)
         finally:
             inner.train(was_training)
-        real = inputs["attention_mask"].bool()
-        counted = real & (real.long().cumsum(1) > 1)  # each text's first token (BOS, an outlier norm) left out
+        counted = without_first_token(inputs["attention_mask"].bool())
         tokens = 0.0
         for layer in self.saes:
             tokens = self._record(layer, captured[layer], counted, counts, sums)

@@ -41,7 +41,7 @@ from qscope_hf.classes import add_mixin
 from qscope_hf.errors import ArgumentTypeError, ConfigError, MissingColumnError
 from qscope_hf.hooks import check_sae_fits, hook_layers
 from qscope_hf.languages import LanguageBaselines
-from qscope_hf.sae import FeatureReader, SparseAutoencoder
+from qscope_hf.sae import FeatureReader, SparseAutoencoder, saes_by_layer
 from qscope_hf.validation import finite
 
 from . import trl_internals
@@ -100,21 +100,18 @@ class SAEFeaturePenalty:
         finite("coef", self.coef, non_negative=True)
         if self.baselines is not None:
             self.baselines = LanguageBaselines.coerce(self.baselines)
-        saes = [self.saes] if isinstance(self.saes, SparseAutoencoder) else list(self.saes)
+        saes = saes_by_layer(self.saes, who="SAEFeaturePenalty",
+                             hint="; the penalty reads one SAE per layer (as the monitor does)")
         if not saes:
             raise ConfigError("SAEFeaturePenalty needs at least one SAE")
-        layers = [sae.layer for sae in saes]
-        if None in layers or len(set(layers)) != len(layers):
-            raise ConfigError(f"give one SAE per layer, each with its layer set (got layers {layers}); the penalty "
-                              "reads one SAE per layer (as the monitor does)")
-        per_layer = {layer: self._features_of(layer) for layer in layers}
+        per_layer = {layer: self._features_of(layer) for layer in saes}
         known = set().union(*(set(f) for f in per_layer.values()))
         if self.baselines is not None:
             known |= {lang for layer in self.baselines.values() for lang in layer}
         if self.language_column is None:
             known = set()
         self.languages = sorted(known) + ([OTHER] if self.baselines is None or self.language_column is None else [])
-        self.terms = {sae.layer: self._term(sae, per_layer[sae.layer]) for sae in saes}
+        self.terms = {layer: self._term(sae, per_layer[layer]) for layer, sae in saes.items()}
 
     def _features_of(self, layer: int) -> FeaturesByLanguage:
         features = self.features
