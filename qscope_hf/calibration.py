@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import ArgumentTypeError, ConfigError
 from .hooks import unwrap_model
+from .next_token import next_token_loss
 from .steering import Steering, steered
 from .validation import finite, positive_int
 
@@ -52,14 +53,9 @@ def _mean_cross_entropy(model: nn.Module, batches: list[dict[str, torch.Tensor]]
                         steering: Steering | None) -> float:
     total, count = 0.0, 0
     for inputs in batches:
-        mask = inputs["attention_mask"].bool()
         with steered(model, steering, attention_mask=inputs["attention_mask"]):
-            logits = model(**inputs).logits[:, :-1].float()
-        target = inputs["input_ids"][:, 1:]
-        scored = mask[:, 1:] & mask[:, :-1]
-        losses = torch.nn.functional.cross_entropy(logits[scored], target[scored], reduction="sum")
-        total += float(losses)
-        count += int(scored.sum())
+            loss, n = next_token_loss(model, inputs)
+        total, count = total + loss, count + n
     return total / max(count, 1)
 
 
@@ -151,13 +147,14 @@ def calibrate_strength(model: nn.Module, tokenizer: Any, steering: Steering, tex
 
 def absolute_steering(steering: Steering, model: nn.Module, tokenizer: Any, texts: Sequence[str] = NEUTRAL_TEXTS, *,
                       batch_size: int = 8, max_length: int = 256) -> Steering:
-    """``steering`` (``relative=True``) with absolute strengths for ``model``: the relative strengths times the
-    median residual norm at the spec's layer over ``texts`` (each text's first token left out, as ``relative=True``
-    measures it on each prompt). What :func:`qscope_hf.export.export_control_vector` and ``bake_steering`` need."""
-    from .discovery import residual_norm
+    """``steering`` (``relative=True``) with absolute strengths for ``model``: the relative strengths times
+    :func:`qscope_hf.discovery.residual_unit` at the spec's layer over ``texts`` (the unit ``relative=True``
+    measures on each prompt, its median over the texts). What :func:`qscope_hf.export.export_control_vector` and
+    ``bake_steering`` need."""
+    from .discovery import residual_unit
 
     if not isinstance(steering, Steering):
         raise ArgumentTypeError(f"expected a Steering spec, got {type(steering).__name__}")
     steering.check_fits(model)
-    return steering.absolute(residual_norm(model, tokenizer, steering.layer, list(texts), batch_size=batch_size,
-                                           max_length=max_length))
+    return steering.absolute(residual_unit(model, tokenizer, steering.layer, list(texts), batch_size=batch_size,
+                                            max_length=max_length))

@@ -53,7 +53,8 @@ from tqdm.auto import tqdm
 
 from .corpus import without_first_token
 from .errors import ConfigError, MissingFileError
-from .hooks import check_layer, hidden_size, hook_layers, layer_outputs
+from .hooks import capture_layers, check_layer, hidden_size, hook_layers, layer_outputs
+from .next_token import next_token_loss
 from .sae import SparseAutoencoder
 from .validation import finite, positive_int
 
@@ -494,8 +495,9 @@ def evaluate_saes(model: nn.Module, tokenizer: Any, saes: Sequence[SparseAutoenc
                   context_length: int | None = None) -> dict[int, SAEMetrics]:
     """Held-out :class:`SAEMetrics` per SAE layer.
 
-    Per batch: one forward reads every SAE's layer, one gives the clean loss, two per SAE the spliced and zeroed
-    losses."""
+    Per batch: one forward gives the clean loss and reads every SAE's layer, two per SAE the spliced and zeroed
+    losses. A prediction counts when both its input token and its target are real (not padding); the losses come
+    from :func:`qscope_hf.next_token.next_token_loss`, which never holds the full-vocabulary logits of a batch."""
     if context_length is not None:  # the previous release's name
         warnings.warn("evaluate_saes(context_length=...) is now max_length=...", FutureWarning, stacklevel=2)
         max_length = context_length
@@ -514,11 +516,9 @@ def evaluate_saes(model: nn.Module, tokenizer: Any, saes: Sequence[SparseAutoenc
                            truncation=True, max_length=max_length).to(device)
         real = inputs["attention_mask"].bool()
         keep = without_first_token(real)
-        labels = inputs["input_ids"].masked_fill(~real, -100)
-        count = int((labels[:, 1:] != -100).sum())
-        tokens += count
-        clean += float(model(**inputs, labels=labels).loss) * count
-        captured = layer_outputs(model, layers, **inputs)
+        with capture_layers(model, layers) as captured:  # the clean pass reads the SAEs' layers too
+            loss, count = next_token_loss(model, inputs)
+        clean, tokens = clean + loss, tokens + count
         for sae in saes:
             x = captured[sae.layer][keep].to(sae.device, sae.dtype)
             values, indices = sae.encode_topk(x)
@@ -531,7 +531,7 @@ def evaluate_saes(model: nn.Module, tokenizer: Any, saes: Sequence[SparseAutoenc
             fired[sae.layer][indices[values > 0].cpu()] = True
             for name in ("spliced", "zero"):
                 with hook_layers(model, {sae.layer: _replacement(sae, keep, name)}):
-                    ce[(sae.layer, name)] += float(model(**inputs, labels=labels).loss) * count
+                    ce[(sae.layer, name)] += next_token_loss(model, inputs)[0]
     results = {}
     ce_clean = clean / tokens
     for layer in layers:

@@ -125,7 +125,7 @@ def test_evaluation_against_an_exact_sae_and_a_hand_zero_ablation():
     inputs = tokenizer(held_out, return_tensors="pt", padding=True)
     real = inputs["attention_mask"].bool()
     keep = real & (real.long().cumsum(1) > 1)
-    labels = inputs["input_ids"].masked_fill(~real, -100)
+    scored = real[:, 1:] & real[:, :-1]  # a prediction counts when its input and its target are real tokens
 
     def zero(module, args, output):
         output = output.clone()
@@ -135,9 +135,10 @@ def test_evaluation_against_an_exact_sae_and_a_hand_zero_ablation():
     handle = model.model.layers[1].register_forward_hook(zero)
     try:
         with torch.no_grad():
-            hand = model(**inputs, labels=labels).loss
+            logits = model(**inputs).logits[:, :-1]
     finally:
         handle.remove()
+    hand = torch.nn.functional.cross_entropy(logits[scored], inputs["input_ids"][:, 1:][scored])
     assert metrics.ce_zero == pytest.approx(float(hand), rel=1e-5)
 
 
