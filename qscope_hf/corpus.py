@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .errors import ConfigError, MissingColumnError
+from .errors import ConfigError, MissingColumnError, PositionError
 from .hooks import layer_outputs
 from .validation import positive_int
 
@@ -60,6 +60,30 @@ def without_first_token(real: Tensor) -> Tensor:
     """``real [B, T]`` (bool, True on real tokens; left or right padding) without each row's first real token, which
     SAE training, evaluation, probes and relative steering leave out (its residual norm is an outlier)."""
     return real & (real.long().cumsum(1) > 1)
+
+
+def residual_spread(hidden: Tensor, real: Tensor) -> Tensor:
+    """``[B]``: the unit of ``relative=True`` steering strengths, per row of ``hidden [B, T, d]``.
+
+    The median distance ``‖h_t − h̄‖`` of a row's residuals from their mean ``h̄``, over its real tokens but the first
+    (``real [B, T]``), times ``√(n/(n−1))`` for the ``n`` tokens counted (their
+    mean is estimated from them). Centring matters: many models carry a nearly constant "massive" dimension that
+    holds most of a token's norm (77 % of its variance at a middle layer of Gemma 3 270M), and a unit that counted it
+    would make the same relative strength tiny on one model and large on another. Raises :class:`PositionError` when
+    a row has fewer than 3 real tokens.
+    """
+    counted = without_first_token(real)
+    n = counted.sum(1)  # [B]
+    if bool((n < 2).any()):
+        row = int((n < 2).nonzero()[0])
+        raise PositionError(f"relative=True strengths are in units of how far a prompt's residuals spread around "
+                            f"their mean, measured on its real tokens but the first, so a prompt needs at least 3 "
+                            f"real tokens; row {row} has {int(real[row].sum())}: use a longer prompt, or absolute "
+                            f"strengths (Steering.absolute, qscope_hf.calibration.absolute_steering)")
+    wide = hidden.double()  # the mean of residuals in the thousands, without cancellation
+    mean = (wide * counted[..., None]).sum(1) / n[:, None]  # [B, d]
+    distances = (wide - mean[:, None]).norm(dim=-1).masked_fill(~counted, float("nan"))  # [B, T]
+    return (distances.nanmedian(dim=1).values * (n / (n - 1)).sqrt()).float()
 
 
 def layer_batches(model: nn.Module, tokenizer: Any, layers: Iterable[int], data: Corpus, *, text_column: str = "text",

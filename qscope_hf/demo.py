@@ -30,9 +30,10 @@ from .tiny import tiny_model, tiny_sae, tiny_tokenizer
 #: Contrast candidates re-ranked by output score.
 CANDIDATES = 40
 INSTRUCTION = " Answer in French."
-#: The steering strength of the demo, in units of each prompt's residual norm: the study's best with the prompt on
-#: SmolLM2. On another model the demo steers at its calibrated budget instead when that is smaller.
-GENTLE_STRENGTH = 0.1
+#: The steering strength of the demo, in units of each prompt's residual spread (``relative=True``): about the
+#: study's best with the prompt on SmolLM2 (0.1 × the median residual norm there, 0.17 × the spread). On another model
+#: the demo steers at its calibrated budget instead when that is smaller.
+GENTLE_STRENGTH = 0.15
 
 
 def describe_prompt(model, tokenizer, sae: SparseAutoencoder, prompt: str, *, top: int = 3,
@@ -105,7 +106,7 @@ def contrast_demo(model, tokenizer, sae: SparseAutoencoder, prompt: str, contras
         texts[name] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     echo(f"\ngeneration, unsteered:\n  {texts['unsteered']!r}")
     echo(f"with the instruction {INSTRUCTION.strip()!r}:\n  {texts['instruction']!r}")
-    echo(f"with the instruction and feature #{chosen} added at {strength:.3g} x each prompt's residual norm "
+    echo(f"with the instruction and feature #{chosen} added at {strength:.3g} x each prompt's residual spread "
          f"(calibrated: the loss budget of +{budget.max_ce_increase} nats on neutral text allows up to "
          f"{budget.strength:.3g}; the demo uses {GENTLE_STRENGTH} or the budget, whichever is smaller):"
          f"\n  {texts['instruction + steering']!r}")

@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from .corpus import Corpus, as_dataset, layer_batches
+from .corpus import Corpus, as_dataset, layer_batches, residual_spread
 from .errors import ConfigError
 from .hooks import check_sae_fits
 from .sae import SparseAutoencoder
@@ -280,6 +280,17 @@ def residual_norm(model: nn.Module, tokenizer: Any, layer: int, data: Corpus, *,
              for batch in layer_batches(model, tokenizer, [layer], data, text_column=text_column,
                                         batch_size=batch_size, max_length=max_length, progress=False)]
     return float(torch.cat(norms).median())
+
+
+@torch.no_grad()
+def residual_unit(model: nn.Module, tokenizer: Any, layer: int, data: Corpus, *, text_column: str = "text",
+                  batch_size: int = 8, max_length: int = 256) -> float:
+    """The unit of ``relative=True`` strengths at ``layer`` on ``data``: the median over texts of each text's
+    :func:`~qscope_hf.corpus.residual_spread` (what a steered prompt measures on itself)."""
+    spreads = [residual_spread(batch.hidden[layer], batch.real).cpu()
+               for batch in layer_batches(model, tokenizer, [layer], data, text_column=text_column,
+                                          batch_size=batch_size, max_length=max_length, progress=False)]
+    return float(torch.cat(spreads).median())
 
 
 def __getattr__(name: str) -> object:

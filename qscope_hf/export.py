@@ -65,7 +65,7 @@ def _constant_vectors(steerings: Steering | Sequence[Steering], model: nn.Module
         if spec.relative:
             raise ConfigError("relative=True strengths are measured on each prompt; a constant vector needs absolute "
                               "ones: qscope_hf.calibration.absolute_steering(spec, model, tokenizer, texts) measures "
-                              "the layer's residual norm on texts and converts the spec (or spec.absolute(norm))")
+                              "the unit (the residual spread) on texts and converts the spec (or spec.absolute(unit))")
         if spec.layer == 0 and control_vector:
             raise ConfigError("llama.cpp cannot steer block 0 (direction.0 is rejected): steer layer 1 or later")
         if model is not None:

@@ -40,7 +40,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from .classes import add_mixin, remove_mixin
 from .compat import check_transformers
-from .corpus import without_first_token
+from .corpus import residual_spread
 from .errors import ArgumentTypeError, ConfigError, PositionError, SteeringNotActiveError, UnsupportedError
 from .hooks import check_layer, check_sae_fits, hidden_size, hook_layers, unwrap_model
 from .sae import FeatureReader, SparseAutoencoder
@@ -59,9 +59,12 @@ class Steering:
 
     ``layer`` defaults to the SAE's own layer. See the module docstring for ``positions`` and ``mode``;
     ``gate_feature``/``threshold`` configure ``mode="gated"``. With ``relative=True`` strengths are in units of the
-    layer's residual norm: each row's strength is multiplied by the median norm ``‖h‖`` of its real prompt tokens at
-    the steered layer (the first token, whose norm is outsized, left out), measured at the prefill and kept for
-    the generated tokens — so ``strength=0.3`` means the same thing at every layer and in every model.
+    spread of the layer's residuals: each row's strength is multiplied by
+    :func:`~qscope_hf.corpus.residual_spread` of its real prompt tokens at the steered layer (their median distance
+    from their mean, the first token left out), measured at the prefill and kept for the generated tokens. Centred,
+    the unit ignores the nearly constant "massive" dimensions many models carry, so a relative strength is of the
+    same order at every layer and in every model; what a model tolerates still differs (up to 5 × between two
+    small models), which :func:`~qscope_hf.calibration.calibrate_strength` measures.
     :meth:`from_vector` steers along any direction (difference of means, a probe, a targeted vector) instead of
     SAE features.
     """
@@ -154,8 +157,8 @@ class Steering:
         return replace(self, strength=(self.strengths * factor).tolist())
 
     def absolute(self, unit: float) -> Steering:
-        """This ``relative=True`` spec with absolute strengths: each multiplied by ``unit``, the residual norm the
-        relative strengths are in units of (e.g. :func:`qscope_hf.discovery.residual_norm` on a text set, or
+        """This ``relative=True`` spec with absolute strengths: each multiplied by ``unit``, the residual spread the
+        relative strengths are in units of (e.g. :func:`qscope_hf.discovery.residual_unit` on a text set, or
         :func:`qscope_hf.calibration.absolute_steering`, which measures it)."""
         if not self.relative:
             raise ConfigError("absolute() converts a relative=True spec; this one's strengths are absolute already")
@@ -281,7 +284,7 @@ class _LayerSteerer:
         self.entries, self.traces, self.prompt, self.stateless = entries, traces, prompt, stateless
         self.offset = 0
         self.relative = any(entry.spec.relative for entry in entries)
-        self.units: Tensor | None = None  # [B', 1, 1] median residual norm per row, measured on the prompt
+        self.units: Tensor | None = None  # [B', 1, 1] residual spread per row, measured on the prompt
         self._rows: dict[tuple[int, torch.device], Tensor] = {}
 
     def _row_of(self, rows: int, device: torch.device) -> Tensor:
@@ -331,17 +334,12 @@ class _LayerSteerer:
         return Where.EVERYWHERE if mask is None else mask
 
     def _measure_units(self, hidden: Tensor) -> Tensor:
-        """``[B', 1, 1]``: each row's median residual norm over its real prompt tokens but the first (all of them
-        when it has only one)."""
-        rows = len(hidden)
+        """``[B', 1, 1]``: each row's :func:`~qscope_hf.corpus.residual_spread` over its real prompt tokens."""
         if self.prompt.real is None:
             real = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         else:
-            real = self.prompt.real_on(hidden.device)[self._row_of(rows, hidden.device)][:, :hidden.shape[1]]
-        counted = without_first_token(real)
-        counted = torch.where(counted.any(1, keepdim=True), counted, real)
-        norms = hidden.float().norm(dim=-1).masked_fill(~counted, float("nan"))
-        return norms.nanmedian(dim=1).values.to(hidden.dtype)[:, None, None]
+            real = self.prompt.real_on(hidden.device)[self._row_of(len(hidden), hidden.device)][:, :hidden.shape[1]]
+        return residual_spread(hidden, real).to(hidden.dtype)[:, None, None]
 
     def _apply(self, spec: Steering, hidden: Tensor, mask: Tensor | None) -> Tensor:
         t = spec.tensors(hidden.dtype, hidden.device)

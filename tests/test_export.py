@@ -273,7 +273,8 @@ def test_a_relative_spec_becomes_an_absolute_one_that_exports(tmp_path, llama, s
     ids = tokenizer([text], return_tensors="pt")["input_ids"]
     with torch.no_grad():  # one prompt: relative=True measures the unit on exactly these tokens
         hidden = llama(input_ids=ids, output_hidden_states=True).hidden_states[sae.layer + 1][0, 1:]
-        unit = float(hidden.norm(dim=-1).median())
+        n = len(hidden)
+        unit = float((hidden - hidden.mean(0)).norm(dim=-1).median()) * (n / (n - 1)) ** 0.5
         assert absolute.strengths.tolist() == pytest.approx([0.5 * unit, -0.25 * unit], rel=1e-5)
         with steered(llama, relative):
             want = llama(input_ids=ids).logits

@@ -24,6 +24,8 @@ from qscope_hf import (
     unembedding,
 )
 from qscope_hf.discovery import ContrastRow
+from qscope_hf.errors import PositionError
+from qscope_hf.hooks import add_to_layers
 from qscope_hf.output_scores import OutputScores, target_vocabulary
 from qscope_hf.tiny import FAMILIES, tiny_model, tiny_sae
 from qscope_hf.vectors import EffectApproximator, fit_effect_approximator
@@ -176,8 +178,8 @@ class HandHook:
         self.handle.remove()
 
 
-def generate(model, tokenizer, **kwargs):
-    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+def generate(model, tokenizer, prompts=PROMPTS, **kwargs):
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
     out = model.generate(**inputs, max_new_tokens=5, do_sample=False, output_logits=True,
                          return_dict_in_generate=True, **kwargs)
     return out.sequences, torch.stack(out.logits, 1)
@@ -198,25 +200,52 @@ def test_vector_steering_equals_a_hand_hook(tokenizer):
     torch.testing.assert_close(raw.tensors(torch.float32, torch.device("cpu"))["vector"], 2.0 * vector)
 
 
-def test_relative_strength_is_in_units_of_each_rows_median_prompt_norm(tokenizer, sae):
+def test_relative_strength_is_in_units_of_each_rows_centred_prompt_spread(tokenizer, sae):
     model = tiny_model("qwen3")
-    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    prompts = ["The cat sat on the mat", "Hi there, how are you"]
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
     real = inputs.attention_mask.bool()
     with torch.no_grad():
         hidden = model(**inputs, output_hidden_states=True).hidden_states[LAYER + 1]
     units = []
-    for r in range(len(PROMPTS)):
-        norms = hidden[r][real[r]].norm(dim=-1)
-        units.append(float(norms[1:].median()) if len(norms) > 1 else float(norms.median()))
+    for r in range(len(prompts)):
+        tokens = hidden[r][real[r]][1:]  # the row's real tokens but the first
+        n = len(tokens)
+        spread = (tokens - tokens.mean(0)).norm(dim=-1).median()  # torch's median: the lower middle value
+        units.append(float(spread) * (n / (n - 1)) ** 0.5)
     units = torch.tensor(units)[:, None, None]
     direction = sae.W_dec[:, 9].detach()
     spec = Steering(sae, 9, 0.3, relative=True)
-    got = generate(model, tokenizer, logits_processor=[SAELogitsProcessor(model, spec)])
+    got = generate(model, tokenizer, prompts, logits_processor=[SAELogitsProcessor(model, spec)])
     with torch.no_grad(), HandHook(model, lambda h, call: (real[..., None] if call == 0 else 1) * 0.3 * units
                                    * direction):
-        expected = generate(model, tokenizer)
+        expected = generate(model, tokenizer, prompts)
     assert torch.equal(got[0], expected[0])
     torch.testing.assert_close(got[1], expected[1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(PositionError, match="at least 3 real tokens; row 1 has 2"):  # "Hi"
+        generate(model, tokenizer, PROMPTS, logits_processor=[SAELogitsProcessor(model, spec)])
+
+
+def test_the_relative_unit_ignores_a_massive_constant_dimension(tokenizer):
+    """A planted dimension holding nearly all of each token's norm (as in Gemma 3) does not change the unit."""
+    from qscope_hf.corpus import residual_spread
+    from qscope_hf.discovery import residual_unit
+
+    model = tiny_model("qwen3")
+    texts = ["The cat sat on the mat", "Sparse autoencoders find features in text", "one two three four"]
+    massive = torch.zeros(64)
+    massive[7] = 5000.0
+    inputs = tokenizer(texts, return_tensors="pt", padding=True)
+    real = inputs.attention_mask.bool()
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states[LAYER + 1]
+    # fp32 residuals near 5000 keep ~4 significant digits of the small coordinates
+    torch.testing.assert_close(residual_spread(hidden + massive, real), residual_spread(hidden, real), rtol=1e-3,
+                               atol=0)
+    with add_to_layers(model, {LAYER: massive}):
+        planted = residual_unit(model, tokenizer, LAYER, texts)
+    assert planted == pytest.approx(residual_unit(model, tokenizer, LAYER, texts), rel=1e-3)
+    assert planted < 50  # the plain norm would be 5000
 
 
 def hand_cross_entropy(model, tokenizer, texts, vector=None):
