@@ -1,4 +1,4 @@
-"""User story 2: LoRA fine-tuning while penalising code-switching features (SASFT, METHODS.md §7).
+"""User story 2: LoRA fine-tuning while penalising code-switching features (SASFT, docs/methods/post-training.md).
 
 Steps: find each language's features by monolinguality, estimate the baselines α (mean pre-activation of each
 feature on each language), then add the penalty to a stock SFTTrainer with LoRA (three lines). Samples are not

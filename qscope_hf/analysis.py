@@ -1,4 +1,4 @@
-"""Evaluation analysis by feature footprints (METHODS.md §5): coverage, redundancy and overlap of benchmarks.
+"""Evaluation analysis by feature footprints (docs/methods/data.md): coverage, redundancy and overlap of benchmarks.
 
 - Footprint of a sample: the set of features that fire on it (on all its tokens, or on its last token only);
   of a benchmark ``D``: their union ``F(D)``.
@@ -64,6 +64,7 @@ def footprints(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, data: C
 
 
 def union(prints: Sequence[Footprint]) -> set[int]:
+    """``F(D)``: the union of the footprints of a benchmark's samples."""
     if not prints:
         raise ConfigError("a benchmark needs at least one sample")
     return set().union(*prints)

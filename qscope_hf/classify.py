@@ -1,4 +1,4 @@
-"""Feature classifiers (METHODS.md §6): the OR rule over SAE features, and two baselines on the same activations.
+"""Feature classifiers (docs/methods/data.md): the OR rule over SAE features, and two baselines on the same activations.
 
 :func:`collect_text_features` runs one forward per batch and keeps, per text and layer, which features fired
 anywhere in the text (and their maximum activation) plus the mean-pooled residual. From that:
@@ -47,6 +47,7 @@ class TextFeatures:
         return len(next(iter(self.pooled.values())))
 
     def subset(self, rows: Sequence[int]) -> TextFeatures:
+        """These features for the texts at ``rows`` only (same layers)."""
         return TextFeatures({layer: [f[i] for i in rows] for layer, f in self.fired.items()},
                             {layer: [p[i] for i in rows] for layer, p in self.peak.items()},
                             {layer: p[list(rows)] for layer, p in self.pooled.items()}, self.d_sae)
@@ -134,9 +135,11 @@ class FeatureClassifier:
         return out
 
     def predict(self, features: TextFeatures) -> Tensor:
+        """``[N]`` bool: a text is positive when its score exceeds ``epsilon`` (the OR rule)."""
         return self.scores(features) > self.epsilon
 
     def to_json(self) -> str:
+        """The classifier as JSON (feature ids, Δ, ε; SAEs referenced by source)."""
         return json.dumps({"type": "qscope.FeatureClassifier", **asdict(self)}, indent=2)
 
     @classmethod
@@ -148,6 +151,7 @@ class FeatureClassifier:
         return cls(**data)
 
     def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_json` to ``path``; returns the path."""
         path = Path(path)
         path.write_text(self.to_json())
         return path
@@ -190,9 +194,11 @@ class ProbeClassifier:
     bias: float
 
     def scores(self, features: TextFeatures) -> Tensor:
+        """``[N]`` scores: the pooled residual of each text projected on the probe, plus its bias."""
         return features.pooled[self.layer] @ self.weight + self.bias
 
     def predict(self, features: TextFeatures) -> Tensor:
+        """``[N]`` bool: a text is positive when its score is above 0."""
         return self.scores(features) > 0
 
 
@@ -229,6 +235,7 @@ def fit_logistic_probe(features: TextFeatures, labels: Sequence[Any], layer: int
 
 
 def f1_score(predicted: Tensor, labels: Sequence[Any]) -> float:
+    """F1 of ``predicted [N]`` (bool) against ``labels`` (truthy = positive); 0 when there are no true positives."""
     y = torch.as_tensor([bool(v) for v in labels])
     tp = float((predicted & y).sum())
     precision = tp / max(float(predicted.sum()), 1.0)

@@ -245,6 +245,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``qscope`` command line: one sub-command per workflow."""
     parser = argparse.ArgumentParser(prog="qscope", description="Qwen-Scope sparse autoencoders for HF and TRL")
     commands = parser.add_subparsers(dest="command", required=True)
 

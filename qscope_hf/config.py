@@ -46,6 +46,7 @@ class SAEConfig:
             raise ConfigError(f"layer must be >= 0, got {self.layer}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a plain dict (the JSON sidecar's content)."""
         return asdict(self)
 
     @classmethod

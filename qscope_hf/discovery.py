@@ -1,4 +1,4 @@
-"""Feature discovery (METHODS.md §4): activation statistics over a corpus, and contrast between two corpora.
+"""Feature discovery (docs/methods/steering.md): activation statistics over a corpus, and contrast between two corpora.
 
 :func:`activation_stats` runs one forward per batch for every requested layer, encodes each layer with its SAE
 (top-k, through :mod:`qscope_hf.ops`) and accumulates per feature: how often it fires (activation > 0), the sum
@@ -59,6 +59,7 @@ class FeatureStats:
 
     @property
     def layer(self) -> int:
+        """The layer of the SAE these statistics were gathered with."""
         return self.sae.layer
 
     @property
@@ -223,10 +224,12 @@ class ContrastRow:
 
     @property
     def rate_diff(self) -> float:
+        """Firing rate on corpus A minus firing rate on corpus B."""
         return self.rate_a - self.rate_b
 
     @property
     def mean_diff(self) -> float:
+        """Mean activation on corpus A minus mean activation on corpus B."""
         return self.mean_a - self.mean_b
 
 

@@ -91,6 +91,7 @@ def hidden_size(model: nn.Module) -> int:
 
 
 def num_layers(model: nn.Module) -> int:
+    """The number of decoder layers of ``model`` (through any wrapper)."""
     return len(decoder_layers(model))
 
 

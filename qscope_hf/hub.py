@@ -24,10 +24,12 @@ LAYER_FILE = re.compile(r"^layer(\d+)\.(sae\.pt|safetensors)$")
 
 
 def sidecar_name(layer: int) -> str:
+    """The name of the JSON sidecar of ``layer`` (``layer{n}.json``)."""
     return f"layer{layer}.json"
 
 
 def weights_name(layer: int, fmt: str) -> str:
+    """The weights file of ``layer`` in format ``fmt`` (``layer{n}.sae.pt`` or ``layer{n}.safetensors``)."""
     return f"layer{layer}.sae.pt" if fmt == "qwen-scope" else f"layer{layer}.safetensors"
 
 

@@ -1,5 +1,5 @@
-"""Language features and baselines for SASFT (METHODS.md §7): which SAE features belong to a language, and the
-mean pre-activation α of each feature on each language's own text.
+"""Language features and baselines for SASFT (docs/methods/post-training.md): which SAE features belong to a
+language, and the mean pre-activation α of each feature on each language's own text.
 
 Both results are typed mappings that also read as the nested dicts they hold:
 
@@ -51,6 +51,7 @@ class LanguageFeatures(_ByLayer):
 
     @property
     def languages(self) -> list[str]:
+        """The languages that have features at some layer, sorted."""
         return sorted({lang for per_layer in self.by_layer.values() for lang in per_layer})
 
     def of(self, *languages: str) -> dict[int, dict[str, list[int]]]:
@@ -92,6 +93,7 @@ class LanguageBaselines(_ByLayer):
             raise ConfigError(f"no baseline for feature {feature} of language {language!r} at layer {layer}") from None
 
     def to_json(self) -> str:
+        """The baselines as JSON (layer -> language -> feature -> α)."""
         return json.dumps(self.by_layer)
 
     @classmethod
@@ -113,7 +115,8 @@ def language_features(model: nn.Module, tokenizer: Any, saes: SparseAutoencoder 
                       data: datasets.Dataset, *, language_column: str = "language", text_column: str = "text",
                       top: int = 20, **stats_options: Any) -> LanguageFeatures:
     """Per layer and language L, the ``top`` features by monolinguality: mean activation on L minus the mean of
-    their mean activations on the other languages (METHODS.md §7). One pass over each language's texts."""
+    their mean activations on the other languages (docs/methods/post-training.md). One pass over each language's
+    texts."""
     positive_int("top", top)
     subsets = _language_subsets(data, language_column)
     stats_options.setdefault("progress", False)

@@ -177,6 +177,7 @@ class OutputScores:
         return [(self.features[i], float(self.scores[i])) for i in order.tolist()]
 
     def as_dict(self) -> dict[int, float]:
+        """Feature id -> output score."""
         return dict(zip(self.features, self.scores.tolist()))
 
 

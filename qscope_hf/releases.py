@@ -1,4 +1,4 @@
-"""Registry of the 14 published Qwen-Scope SAE releases (METHODS.md §1).
+"""Registry of the 14 published Qwen-Scope SAE releases (docs/releases.md).
 
 Each release is one hub repo ``Qwen/SAE-Res-{backbone}-W{width/1024}K-L0_{k}`` holding ``layer{n}.sae.pt`` for
 every decoder layer of its backbone. Look releases up by repo id (:func:`get_release`) or by backbone, k and
@@ -28,6 +28,7 @@ class Release:
 
     @property
     def repo_id(self) -> str:
+        """The hub repo of the release, ``Qwen/SAE-Res-{backbone}-W{width/1024}K-L0_{k}``."""
         return f"{REPO_PREFIX}{self.backbone}-W{self.d_sae // 1024}K-L0_{self.k}"
 
     @property
@@ -37,6 +38,7 @@ class Release:
 
     @property
     def layers(self) -> range:
+        """The layers the release has an SAE for (every decoder layer of its backbone)."""
         return range(self.num_layers)
 
     def layer_file(self, layer: int) -> str:
@@ -71,7 +73,7 @@ def register_release(release: Release) -> Release:
 
 
 def list_releases() -> list[Release]:
-    """All known releases: the published ones in the order of METHODS.md's table, then registered ones."""
+    """All known releases: the published ones in the paper's order (by backbone, then k), then registered ones."""
     return list(_BY_REPO.values())
 
 

@@ -1,5 +1,5 @@
-"""Repetition features (METHODS.md §8): the SAE features whose activation rises from a repeated token's first
-occurrence to its last, found on a model's own degenerate outputs."""
+"""Repetition features (docs/methods/post-training.md): the SAE features whose activation rises from a repeated
+token's first occurrence to its last, found on a model's own degenerate outputs."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .validation import positive_int
 @torch.no_grad()
 def repetition_features(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, texts: Sequence[str], *,
                         top: int = 20, max_length: int = 256) -> list[tuple[int, float]]:
-    """Features whose activation rises most from a repeated token's first occurrence to its last (METHODS.md §8).
+    """Features whose activation rises most from a repeated token's first occurrence to its last.
 
     ``texts`` should be degenerate, repetitive outputs. For every token id that occurs at least twice in a text,
     the change of each feature's activation between its first and last occurrence is averaged over all such

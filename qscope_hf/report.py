@@ -79,11 +79,13 @@ class Report:
                           f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
     def html(self) -> str:
+        """The report as one self-contained HTML page (plots embedded)."""
         body = "\n".join(self.parts)
         return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
                 f"<style>{STYLE}</style></head>\n<body><h1>{html.escape(self.title)}</h1>\n{body}\n</body></html>\n")
 
     def save(self, path: str | Path) -> Path:
+        """Write :meth:`html` to ``path`` (UTF-8); returns the path."""
         path = Path(path)
         path.write_text(self.html(), encoding="utf-8")
         return path

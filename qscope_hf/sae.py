@@ -58,34 +58,42 @@ class SparseAutoencoder(nn.Module):
     # -- metadata ---------------------------------------------------------------------------------------------
     @property
     def d_model(self) -> int:
+        """Width of the residual stream the SAE reads."""
         return self.cfg.d_model
 
     @property
     def d_sae(self) -> int:
+        """Number of latents (features)."""
         return self.cfg.d_sae
 
     @property
     def k(self) -> int:
+        """Latents kept per token by TopK."""
         return self.cfg.k
 
     @property
     def activation(self) -> str:
+        """``"relu_topk"`` (TopK of ReLU) or ``"topk"`` (the model card's variant)."""
         return self.cfg.activation
 
     @property
     def layer(self) -> int | None:
+        """The decoder layer whose output the SAE reads (None when unknown)."""
         return self.cfg.layer
 
     @property
     def release(self) -> str | None:
+        """The Qwen-Scope release repo the SAE came from, if any."""
         return self.cfg.release
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the SAE's weights."""
         return self.W_enc.dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of the SAE's weights."""
         return self.W_enc.device
 
     def extra_repr(self) -> str:

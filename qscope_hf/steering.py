@@ -1,4 +1,5 @@
-"""Steering generation with SAE features (METHODS.md §4): ``h' = h + α·W_dec[:, f]`` at chosen layers and positions.
+"""Steering generation with SAE features (docs/methods/steering.md): ``h' = h + α·W_dec[:, f]`` at chosen layers
+and positions.
 
 One mechanism, three ways in. A :class:`SteeringSession` hooks the decoder layers named by its :class:`Steering`
 specs for exactly one ``generate`` call (or one block of plain forwards) and removes the hooks when it ends,
@@ -150,6 +151,7 @@ class Steering:
 
     @property
     def d_model(self) -> int:
+        """Width of the residual stream the spec steers."""
         return self.sae.d_model if self.vector is None else self.vector.numel()
 
     def scaled(self, factor: float) -> Steering:
@@ -229,9 +231,11 @@ class PromptLayout:
 
     @property
     def length(self) -> int | None:
+        """Padded prompt length ``T`` (None for plain forwards)."""
         return None if self.real is None else self.real.shape[1]
 
     def real_on(self, device: torch.device) -> Tensor:
+        """``[B, T]`` real-token mask of the prompt on ``device`` (cached per device)."""
         if device not in self._on_device:
             self._on_device[device] = self.real.to(device)
         return self._on_device[device]
@@ -396,11 +400,13 @@ class FeatureTrace:
         self.reader = self.sae.feature_reader(self.features)
 
     def record(self, hidden: Tensor) -> None:
+        """Append the traced features' activations ``[B', t, S]`` of one forward's ``hidden [B', t, d]``."""
         with torch.no_grad():
             self.steps.append(self.reader.acts(hidden).float().cpu())
 
     @property
     def values(self) -> Tensor:
+        """``[B', T_total, S]``: every recorded step, concatenated along time."""
         return torch.cat(self.steps, dim=1) if self.steps else torch.empty(0)
 
 
@@ -511,6 +517,8 @@ class SteeringGenerationMixin:
 
     def generate(self, *args: Any, steering: Steering | Sequence[Steering] | None = None,
                  steering_rows: RowSpecs | None = None, **kwargs: Any) -> Any:
+        """``generate`` with ``steering=`` (specs for every row) and ``steering_rows=`` (one spec list or None
+        per prompt row); without them it is the model's own ``generate``."""
         if steering is not None or steering_rows is not None:
             processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
             processors.append(SAELogitsProcessor(self, steering, rows=steering_rows))

@@ -1,4 +1,4 @@
-"""Coverage-guided data synthesis (METHODS.md §6): generate samples aimed at features a seed corpus never fires.
+"""Coverage-guided data synthesis (docs/methods/data.md): generate samples aimed at features a seed corpus never fires.
 
 1. :func:`feature_coverage`: which features fire anywhere in a corpus (per SAE layer).
 2. :func:`select_targets`: features relevant to a goal (a pluggable ``judge``: any callable scoring a feature's
@@ -121,6 +121,7 @@ class HFGenerator:
 
 
 def default_prompt(target: Target) -> str:
+    """The generator prompt for ``target``: a request for a text like its top contexts."""
     return (f"Write a short, natural text that contains the kind of content shown in these examples (the key "
             f"token is in brackets): {target.description}")
 

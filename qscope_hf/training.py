@@ -1,4 +1,4 @@
-"""Train TopK SAEs on the residual stream of any HF causal LM (the Qwen-Scope recipe, METHODS.md §1–2, §9).
+"""Train TopK SAEs on the residual stream of any HF causal LM (the Qwen-Scope recipe; docs/methods/training.md).
 
 :class:`SAETrainer` streams texts through the model once, reading every chosen layer from the same forward (the
 forward stops after the last of them), and trains one :class:`SparseAutoencoder` per layer, all through
@@ -410,6 +410,8 @@ class SAETrainer:
         return out
 
     def save_checkpoint(self, path: str | Path) -> None:
+        """Write everything :meth:`fit` needs to resume exactly (SAEs, optimizers, counters, buffer, data
+        cursor, generators) to ``path``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({
@@ -424,6 +426,7 @@ class SAETrainer:
         }, path)
 
     def load_checkpoint(self, path: str | Path) -> None:
+        """Restore the state :meth:`save_checkpoint` wrote."""
         state = torch.load(path, weights_only=True)
         for layer, sae in self.working.items():
             sae.load_state_dict(state["saes"][layer])
@@ -476,6 +479,7 @@ class SAEMetrics:
 
     @property
     def healthy(self) -> bool:
+        """True when :attr:`problems` is empty."""
         return not self.problems
 
     def as_dict(self) -> dict[str, float]:

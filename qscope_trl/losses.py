@@ -1,4 +1,5 @@
-"""SAE feature penalties as auxiliary losses for ``SFTTrainer`` (SASFT, METHODS.md §7) and ``GRPOTrainer``.
+"""SAE feature penalties as auxiliary losses for ``SFTTrainer`` (SASFT, docs/methods/post-training.md) and
+``GRPOTrainer``.
 
 ``L = L_task + coef · Σ ReLU(f_s(x_t) − α_{lang(i), s}) / (n + 1)`` over completion tokens ``t`` of each sample ``i``
 and the features ``s`` penalised for it, where ``n`` counts those (token, feature) pairs. Features are grouped by
@@ -148,6 +149,7 @@ class SAEFeaturePenalty:
 
     @property
     def layers(self) -> list[int]:
+        """The layers the penalty reads, in order."""
         return list(self.terms)
 
     def config(self) -> dict[str, Any]:
@@ -284,6 +286,8 @@ class SAEPenaltyMixin:
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        """The trainer's own loss plus the SAE penalty on this batch's completion tokens (logged as
+        ``sae_penalty``)."""
         penalty = self.sae_penalty
         language_ids = inputs.pop(LANGUAGE_KEY, None)
         with _capture_all(model, penalty.layers) as captured:

@@ -119,7 +119,7 @@ def code_switching_reward(model: nn.Module, tokenizer: Any, sae: SparseAutoencod
 def repetition_reward(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, features: Sequence[int],
                       **options: Any) -> SAEFeatureReward:
     """Penalise the mean activation of repetition features (from :func:`qscope_hf.repetition.repetition_features`)
-    over the completion (``__name__`` ``sae_repetition``). METHODS §8 warns they also fire on benign repetition:
+    over the completion (``__name__`` ``sae_repetition``). The paper warns they also fire on benign repetition:
     the steered-negative rollout of :mod:`qscope_trl.rollouts` is the paper's method, this is the baseline."""
     options.setdefault("name", "sae_repetition")
     return SAEFeatureReward(model, tokenizer, sae, features, reduce="mean", **options)

@@ -1,4 +1,4 @@
-"""The op module: every backend equals the reference, the reference equals METHODS §2, gradients are right."""
+"""The op module: every backend equals the reference, the reference equals the SAE formula, gradients are right."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def make_encoder(n, d_model, d_sae, *, seed=0, dtype=torch.float32, lead=()):
 
 
 def hand_topk(x, W, b, k, relu=True):
-    """METHODS §2 written out independently, in fp64: pre = x W^T + b; z = TopK(ReLU(pre))."""
+    """The SAE formula (docs/methods/sae.md) written out again, in fp64: pre = x W^T + b; z = TopK(ReLU(pre))."""
     pre = x.double() @ W.double().T + b.double()
     acts = pre.relu() if relu else pre
     values, indices = acts.topk(k, dim=-1)

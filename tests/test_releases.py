@@ -1,4 +1,4 @@
-"""The release registry holds METHODS §1's table."""
+"""The release registry holds the published releases."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""SparseAutoencoder: its methods equal the METHODS §2 formulas computed by hand; bad input fails clearly."""
+"""SparseAutoencoder: its methods equal the SAE formulas (docs/methods/sae.md) computed by hand; bad input fails
+clearly."""
 
 from __future__ import annotations
 

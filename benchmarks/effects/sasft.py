@@ -1,4 +1,5 @@
-"""SASFT as the paper ran it (Deng et al. 2025, arXiv 2507.14894; METHODS.md §7), on a mixed-language SFT set.
+"""SASFT as the paper ran it (Deng et al. 2025, arXiv 2507.14894; docs/methods/post-training.md), on a
+mixed-language SFT set.
 
     python benchmarks/effects/sasft.py [--quick] [--seeds 0 1 2] [--lams 1e-4 5e-4 1e-3 1e-2] [--full-lams ...]
                                         [--modes lora full] [--resume]

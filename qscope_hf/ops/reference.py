@@ -1,4 +1,4 @@
-"""The readable definition of every SAE op (METHODS.md §2): the oracle the other backends are tested against.
+"""The readable definition of every SAE op (docs/methods/sae.md): the oracle the other backends are tested against.
 
 Shapes: ``x [N, d_model]``, ``W_enc [d_sae, d_model]``, ``b_enc [d_sae]``, ``W_dec [d_model, d_sae]``,
 ``b_dec [d_model]``, ``values``/``indices [N, k]``. Arithmetic runs in :func:`accumulate_dtype` (fp32 for
