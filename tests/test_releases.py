@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from qscope_hf import UnknownReleaseError, find_release, get_release, list_releases
 
-TABLE = {  # backbone: (layers, d_model, {k: d_sae})
+TABLE = {  # backbone: (layers, d_model, {k: d_sae}), as the releases' model cards give them
     "Qwen3-1.7B-Base": (28, 2048, {50: 32768, 100: 32768}),
     "Qwen3-8B-Base": (36, 4096, {50: 65536, 100: 65536}),
     "Qwen3.5-2B-Base": (24, 2048, {50: 32768, 100: 32768}),
@@ -41,3 +43,15 @@ def test_lookup_and_errors():
     with pytest.raises(ValueError, match="layer 28 is out of range.*layers 0..27"):
         get_release("Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_100").layer_file(28)
 
+
+def test_each_repo_id_spells_its_own_shape():
+    """The hub names encode width and k (``Qwen/SAE-Res-{backbone}-W{d_sae/1024}K-L0_{k}``): parse them back."""
+    pattern = re.compile(r"Qwen/SAE-Res-(?P<backbone>.+)-W(?P<width>\d+)K-L0_(?P<k>\d+)")
+    for release in list_releases():
+        match = pattern.fullmatch(release.repo_id)
+        assert match, release.repo_id
+        assert match["backbone"] == release.backbone and int(match["k"]) == release.k
+        assert int(match["width"]) * 1024 == release.d_sae
+        assert release.d_sae % release.d_model == 0 and release.d_sae // release.d_model in (16, 64)
+        assert release.model_id == f"Qwen/{release.backbone}"
+        assert find_release(release.backbone, k=release.k, width=release.d_sae) is release
