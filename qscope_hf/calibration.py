@@ -60,7 +60,7 @@ def _mean_cross_entropy(model: nn.Module, batches: list[dict[str, torch.Tensor]]
 
 
 def steered_cross_entropy(model: nn.Module, tokenizer: Any, texts: Sequence[str], steering: Steering | None = None,
-                          *, batch_size: int = 8, max_length: int = 128) -> float:
+                          *, batch_size: int = 8, max_length: int = 256) -> float:
     """Mean next-token cross-entropy (nats) of ``model`` on ``texts`` with ``steering`` at every position."""
     device = next(unwrap_model(model).parameters()).device
     batches = _token_batches(tokenizer, texts, batch_size, max_length, device)
@@ -93,7 +93,7 @@ class Calibration:
 
 
 def calibrate_strength(model: nn.Module, tokenizer: Any, steering: Steering, texts: Sequence[str] = NEUTRAL_TEXTS,
-                       *, max_ce_increase: float = 0.5, steps: int = 8, batch_size: int = 8, max_length: int = 128,
+                       *, max_ce_increase: float = 0.5, steps: int = 8, batch_size: int = 8, max_length: int = 256,
                        max_scale: float = 1e4) -> Calibration:
     """The largest factor on ``steering``'s strengths whose mean next-token CE on ``texts`` stays within
     ``max_ce_increase`` nats of the unsteered model's (found to a ratio of ``4^(1/2^steps)``).

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .errors import ConfigError
-from .ops import ACTIVATIONS
+from .ops import ACTIVATIONS, Activation
 
 #: SAE ``layer n`` reads (and steering writes) the output of decoder layer n, i.e. ``hidden_states[n + 1]``: the
 #: only hook point qscope SAEs have (older sidecars record it as ``"hook_point": "resid_post"``).
@@ -24,7 +24,7 @@ class SAEConfig:
     d_model: int
     d_sae: int
     k: int
-    activation: str = "relu_topk"
+    activation: Activation = "relu_topk"
     layer: int | None = None
     release: str | None = None
     model_id: str | None = None

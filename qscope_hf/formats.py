@@ -29,7 +29,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import safetensors.torch
 import torch
@@ -43,7 +43,8 @@ from .hub import LAYER_FILE as _LAYER_FILE
 from .hub import sidecar_name, weights_name
 from .releases import Release, get_release, is_release_name
 
-FORMATS = ("qscope", "qwen-scope", "saelens", "sparsify")
+Format = Literal["qscope", "qwen-scope", "saelens", "sparsify"]
+FORMATS: tuple[Format, ...] = get_args(Format)
 TENSOR_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec")
 SAELENS_CONFIG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"

@@ -4,7 +4,7 @@ token's first occurrence to its last, found on a model's own degenerate outputs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -15,14 +15,21 @@ from .sae import SparseAutoencoder
 from .validation import positive_int
 
 
+class RepetitionFeature(NamedTuple):
+    """One feature of :func:`repetition_features` and its mean activation rise."""
+
+    feature: int
+    rise: float
+
+
 @torch.no_grad()
 def repetition_features(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder, texts: Sequence[str], *,
-                        top: int = 20, max_length: int = 256) -> list[tuple[int, float]]:
+                        top: int = 20, max_length: int = 256) -> list[RepetitionFeature]:
     """Features whose activation rises most from a repeated token's first occurrence to its last.
 
     ``texts`` should be degenerate, repetitive outputs. For every token id that occurs at least twice in a text,
     the change of each feature's activation between its first and last occurrence is averaged over all such
-    (text, token) pairs; returns ``[(feature, mean rise)]`` for the ``top`` largest rises.
+    (text, token) pairs; returns :class:`RepetitionFeature` ``(feature, rise)`` for the ``top`` largest rises.
     """
     layer = check_sae_fits(model, sae)
     positive_int("top", top)
@@ -47,4 +54,4 @@ def repetition_features(model: nn.Module, tokenizer: Any, sae: SparseAutoencoder
         raise ConfigError("no token repeats in the given texts: pass degenerate, repetitive outputs")
     rise = total / pairs
     order = rise.argsort(descending=True, stable=True)[:top]
-    return [(int(f), float(rise[f])) for f in order]
+    return [RepetitionFeature(int(f), float(rise[f])) for f in order]

@@ -17,6 +17,9 @@ from torch import Tensor, nn
 from . import formats, ops
 from .config import SAEConfig
 from .errors import ArgumentTypeError, ConfigError
+from .formats import Format
+from .ops import Activation
+from .ops.dispatch import Backend
 from .validation import integer_ids
 
 Features = int | Sequence[int] | Tensor
@@ -30,10 +33,10 @@ class SparseAutoencoder(nn.Module):
     (``None``: automatic, see :mod:`qscope_hf.ops.dispatch`).
     """
 
-    def __init__(self, d_model: int, d_sae: int, k: int, activation: str = "relu_topk", *,
+    def __init__(self, d_model: int, d_sae: int, k: int, activation: Activation = "relu_topk", *,
                  layer: int | None = None, release: str | None = None, model_id: str | None = None,
                  dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, backend: str | None = None) -> None:
+                 device: torch.device | str | None = None, backend: Backend | None = None) -> None:
         super().__init__()
         self.cfg = SAEConfig(d_model, d_sae, k, activation, layer, release, model_id)
         self.backend = backend
@@ -223,7 +226,7 @@ class SparseAutoencoder(nn.Module):
     @classmethod
     def from_pretrained(cls, source: str | Path, layer: int | None = None, *, dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None, k: int | None = None,
-                        activation: str | None = None, revision: str | None = None,
+                        activation: Activation | None = None, revision: str | None = None,
                         cache_dir: str | Path | None = None) -> SparseAutoencoder:
         """Load one layer's SAE.
 
@@ -236,7 +239,7 @@ class SparseAutoencoder(nn.Module):
         checkpoint = formats.read(source, layer, revision=revision, cache_dir=cache_dir, k=k, activation=activation)
         return cls.from_checkpoint(checkpoint, dtype=dtype, device=device)
 
-    def save_pretrained(self, directory: str | Path, format: str = "qscope") -> Path:
+    def save_pretrained(self, directory: str | Path, format: Format = "qscope") -> Path:
         """Write this SAE to ``directory`` as ``"qscope"`` (safetensors + JSON), ``"qwen-scope"`` (``.sae.pt``)
         or ``"saelens"``; :meth:`from_pretrained` reads any of them back identically. Returns the weights file."""
         tensors = {name: getattr(self, name) for name in formats.TENSOR_KEYS}

@@ -55,6 +55,7 @@ from .corpus import without_first_token
 from .errors import ConfigError, MissingFileError
 from .hooks import capture_layers, check_layer, hidden_size, hook_layers, layer_outputs
 from .next_token import next_token_loss
+from .ops import Activation
 from .sae import SparseAutoencoder
 from .validation import finite, positive_int
 
@@ -74,7 +75,7 @@ class TrainConfig:
     k: int = 32
     d_sae: int | None = None
     expansion: int = 8
-    activation: str = "relu_topk"
+    activation: Activation = "relu_topk"
     lr: float | None = None
     batch_tokens: int = 4096
     total_tokens: int = 1_000_000

@@ -18,7 +18,7 @@ On a stock trainer::
 
 :func:`add_sae_penalty` validates the configuration against the trainer's model and dataset (clear errors before
 training), keeps the language column through the collator, and reads the layer outputs from hooks during the
-trainer's own forward (no extra forward). The penalty is logged as ``sae_penalty``. With several processes the
+trainer's own forward (no extra forward). The penalty is logged as ``sae/penalty``. With several processes the
 normaliser ``n`` is summed over them, so the loss equals the single-process loss on the same global batch.
 """
 
@@ -287,7 +287,7 @@ class SAEPenaltyMixin:
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         """The trainer's own loss plus the SAE penalty on this batch's completion tokens (logged as
-        ``sae_penalty``)."""
+        ``sae/penalty``)."""
         penalty = self.sae_penalty
         language_ids = inputs.pop(LANGUAGE_KEY, None)
         with _capture_all(model, penalty.layers) as captured:

@@ -28,6 +28,7 @@ from .autograd import SparseDecode, TopKEncode
 from .dispatch import (
     BACKENDS,
     ENV_VAR,
+    Backend,
     BackendUnavailableError,
     Kernels,
     available_backends,
@@ -75,8 +76,8 @@ def _check_encoder(what: str, x: Tensor, W_enc: Tensor, b_enc: Tensor) -> None:
     _check_same(what, x, W_enc, b_enc)
 
 
-def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, activation: str = "relu_topk", *,
-                backend: str | None = None) -> tuple[Tensor, Tensor]:
+def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, activation: Activation = "relu_topk", *,
+                backend: Backend | None = None) -> tuple[Tensor, Tensor]:
     """Top-``k`` SAE codes of ``x [..., d_model]``: ``(values [..., k] in x's dtype, indices [..., k] int64)``."""
     _check_encoder("topk_encode", x, W_enc, b_enc)
     d_sae = W_enc.shape[0]
@@ -110,7 +111,7 @@ def _check_codes(what: str, values: Tensor, indices: Tensor, d_sae: int, *, chec
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, *,
-                  backend: str | None = None, check_indices: bool = True) -> Tensor:
+                  backend: Backend | None = None, check_indices: bool = True) -> Tensor:
     """Reconstruction ``Σ_j values_j · W_dec[:, indices_j] + b_dec``: ``[..., k] -> [..., d_model]``.
 
     ``check_indices=False`` skips the range check of ``indices`` (which waits for the GPU: one host sync per

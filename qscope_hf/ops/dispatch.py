@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import os
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import torch
 from torch import Tensor
@@ -17,7 +17,8 @@ from torch import Tensor
 from ..errors import BackendUnavailableError, ConfigError
 from .environment import triton_importable, triton_interpreted
 
-BACKENDS = ("reference", "chunked", "triton")
+Backend = Literal["reference", "chunked", "triton"]
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
 ENV_VAR = "QSCOPE_OPS_BACKEND"
 
 
@@ -47,7 +48,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return names
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
+def resolve_backend(backend: Backend | str | None, device: torch.device) -> Backend:
     """The backend to use for tensors on ``device``: ``backend``, else ``$QSCOPE_OPS_BACKEND``, else automatic."""
     name = backend or os.environ.get(ENV_VAR) or None
     if name is None:
