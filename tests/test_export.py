@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -17,6 +19,9 @@ from qscope_hf import ConfigError, Steering, steered
 from qscope_hf.errors import CheckpointError, UnsupportedError
 from qscope_hf.export import bake_steering, export_control_vector, import_control_vector
 from qscope_hf.tiny import tiny_model, tiny_sae
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from effects.common import is_french  # noqa: E402  (the effect studies' French heuristic)
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +54,7 @@ def test_control_vector_file_sums_specs_per_layer(tmp_path, llama, sae):
         torch.testing.assert_close(tensors["direction.2"], layer2)
         torch.testing.assert_close(tensors["direction.1"], 3.0 * sae.W_dec[:, 9])
     assert sorted(tensors) == ["direction.1", "direction.2"]
+    assert sorted(gguf_directions(path, 64)) == [1, 2]  # what llama.cpp's loader accepts
     back = import_control_vector(path)
     assert [s.layer for s in back] == [1, 2]
     torch.testing.assert_close(back[1].tensors(torch.float32, torch.device("cpu"))["vector"], layer2.detach())
@@ -151,9 +157,26 @@ def smollm2():
     return model, tokenizer, load_saes([15])[0], model_dir()
 
 
+def gguf_directions(path, width):
+    """The control vector's directions by layer, read with the gguf package's own reader and checked the way
+    llama.cpp's control-vector loader checks them: architecture "controlvector", tensors "direction.N" with
+    N ≥ 1, float32, one dimension of ``width``."""
+    reader = gguf.GGUFReader(path)
+    assert reader.get_field("general.architecture").contents() == "controlvector"
+    directions = {}
+    for tensor in reader.tensors:
+        prefix, _, layer = tensor.name.partition(".")
+        assert prefix == "direction" and layer.isdigit() and int(layer) >= 1, tensor.name
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.F32 and tuple(tensor.shape) == (width,), tensor
+        directions[int(layer)] = np.array(tensor.data, dtype=np.float32)
+    assert reader.get_field("controlvector.layer_count").contents() >= max(directions)
+    return directions
+
+
 def llama_cpp(model_path, vector_path=None, n_layers=30):
-    """A llama.cpp context (llama-cpp-python) with the control vector at ``vector_path`` applied through
-    llama-cpp-python's own control-vector call (a flat ``[n_layers · n_embd]`` buffer from block 1)."""
+    """A llama.cpp context (llama-cpp-python) with the control vector at ``vector_path`` (read by the gguf
+    package's reader, not qscope's) applied through llama.cpp's control-vector call, whose flat
+    ``[n_layers · n_embd]`` buffer starts at block 1."""
     import ctypes
 
     import llama_cpp
@@ -163,8 +186,8 @@ def llama_cpp(model_path, vector_path=None, n_layers=30):
     if vector_path is not None:
         width = llm.n_embd()
         flat = np.zeros(n_layers * width, dtype=np.float32)
-        for spec in import_control_vector(vector_path):
-            flat[width * (spec.layer - 1):width * spec.layer] = spec.vector.numpy()
+        for layer, vector in gguf_directions(vector_path, width).items():
+            flat[width * (layer - 1):width * layer] = vector
         pointer = flat.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         assert llama_cpp.llama_set_adapter_cvec(llm.ctx, pointer, len(flat), width, 1, n_layers) == 0
     llm.reset()
@@ -187,16 +210,6 @@ def llama_cpp_greedy(model_path, prompt_ids, vector_path, new_tokens):
         if len(tokens) == new_tokens:
             break
     return tokens
-
-
-def french(text):
-    """Mostly French: more French than English stop words (the heuristic of the effect studies)."""
-    words = text.lower().replace("'", " ").split()
-    fr = {"le", "la", "les", "de", "des", "du", "un", "une", "et", "est", "en", "dans", "pour", "que", "qui", "sur",
-          "avec", "au", "ce", "il", "elle", "nous", "vous", "je", "l", "d"}
-    en = {"the", "a", "an", "and", "is", "are", "of", "to", "in", "for", "that", "on", "with", "it", "you", "i", "this",
-          "be", "as"}
-    return sum(w in fr for w in words) > sum(w in en for w in words)
 
 
 @pytest.mark.slow
@@ -256,8 +269,8 @@ def test_llama_cpp_steers_into_french_where_transformers_does(tmp_path, smollm2)
             hooked = model.generate(input_ids=ids, max_new_tokens=24, do_sample=False)[0, len(prompt):]
     hf_text, plain_text = tokenizer.decode(hooked), tokenizer.decode(plain)
     cpp_text = tokenizer.decode(llama_cpp_greedy(directory / GGUF_FILE, prompt, path, 24))
-    assert not french(plain_text) and french(hf_text), (plain_text, hf_text)
-    assert french(cpp_text), (hf_text, cpp_text)
+    assert not is_french(plain_text) and is_french(hf_text), (plain_text, hf_text)
+    assert is_french(cpp_text), (hf_text, cpp_text)
 
 
 def test_a_relative_spec_becomes_an_absolute_one_that_exports(tmp_path, llama, sae):
