@@ -21,6 +21,7 @@ class Structure(HTMLParser):
         super().__init__()
         self.title, self.in_title = "", False
         self.heatmaps, self.tokens, self.tables = 0, 0, []
+        self.heat = []  # (activation, colour alpha) per token
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -30,6 +31,8 @@ class Structure(HTMLParser):
         if tag == "span" and attrs.get("class") == "tok":
             self.tokens += 1
             assert "background: rgba(255, 120, 0," in attrs["style"]
+            alpha = float(attrs["style"].split(",")[-1].strip(" )"))
+            self.heat.append((float(attrs["title"]), alpha))
         if tag == "table":
             self.tables.append(int(attrs["data-feature"]))
 
@@ -61,14 +64,30 @@ def test_inspect_writes_a_self_contained_report(corpora, tokenizer):
 
 @pytest.mark.skipif(shutil.which("chromium") is None and not os.environ.get("QSCOPE_REQUIRE_BROWSER"),
                     reason="headless Chromium is not installed (CI installs it and sets QSCOPE_REQUIRE_BROWSER)")
-def test_report_renders_in_headless_chromium(corpora):
+def test_report_renders_in_headless_chromium(corpora, tokenizer):
+    """Chromium's own DOM of the page holds every token with its heat colour, and its screenshot shows the hottest
+    token in the full heat colour (an error page or an unstyled page has neither)."""
     out = corpora / "report.html"
-    main(["inspect", "--texts", str(corpora / "b.txt"), "--out", str(out)])
+    main(["inspect", "--texts", str(corpora / "b.txt"), "--show", "2", "--out", str(out)])
+    chromium = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                f"--user-data-dir={corpora / 'profile'}"]
+    dom = subprocess.run([*chromium, "--dump-dom", out.as_uri()], check=True, capture_output=True, text=True,
+                         timeout=120).stdout
+    rendered = Structure()
+    rendered.feed(dom)
+    shown = len(rendered.tables)  # the strongest features, each over the two texts
+    assert rendered.title.startswith("qscope inspect: tiny") and shown >= 1 and rendered.heatmaps == 2 * shown
+    assert rendered.tokens == shown * sum(len(tokenizer(text)["input_ids"]) for text in TEXTS_B[:2])
+    hottest = max(rendered.heat, key=lambda pair: pair[0])
+    assert hottest[1] == pytest.approx(1.0, abs=1e-3)  # the strongest token gets the full colour
     shot = corpora / "shot.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    f"--user-data-dir={corpora / 'profile'}", f"--screenshot={shot}", "--window-size=1000,800",
-                    out.as_uri()], check=True, capture_output=True, timeout=120)
-    assert shot.stat().st_size > 5000
+    subprocess.run([*chromium, f"--screenshot={shot}", "--window-size=1000,800", out.as_uri()], check=True,
+                   capture_output=True, timeout=120)
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)[..., :3]  # [H, W, 3] in [0, 1]
+    orange = (abs(pixels[..., 0] - 1.0) < 0.02) & (abs(pixels[..., 1] - 120 / 255) < 0.02) & (pixels[..., 2] < 0.02)
+    assert orange.sum() > 20  # the hottest token's background, as painted
 
 
 def test_discover_prints_the_contrast_table(corpora, capsys):
@@ -99,10 +118,31 @@ def test_steer_with_a_calibrated_strength(capsys):
     assert out.index("--- unsteered") < out.index("--- steered")
 
 
-def test_steer_prints_both_generations(capsys):
+def test_steer_prints_the_generation_a_hand_hook_gives(capsys):
+    """The steered text is what greedy decoding gives with 40 × feature 5's decoder direction added to layer 1's
+    output at every position (a plain forward hook, written here), and it differs from the unsteered text."""
+    import torch
+
+    from qscope_hf.loading import load_model, load_sae
+
     main(["steer", "--prompt", "Hello", "--feature", "5", "--strength", "40", "--max-new-tokens", "8"])
     out = capsys.readouterr().out
-    assert out.index("--- unsteered") < out.index("--- steered")
+    unsteered = out.split("--- unsteered\n")[1].split("--- steered\n")[0].rstrip("\n")
+    steered = out.split("--- steered\n")[1].rstrip("\n")
+    model, tokenizer = load_model("tiny")
+    sae = load_sae("tiny", 1, model=model)
+    direction = sae.W_dec[:, 5].detach()
+    inputs = tokenizer(["Hello"], return_tensors="pt")
+    handle = model.model.layers[1].register_forward_hook(
+        lambda module, args, output: (output[0] + 40 * direction, *output[1:]) if isinstance(output, tuple)
+        else output + 40 * direction)
+    try:
+        with torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    finally:
+        handle.remove()
+    assert steered == tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert steered != unsteered
 
 
 def test_corpus_errors(corpora, capsys):
