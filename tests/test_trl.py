@@ -222,12 +222,28 @@ def test_reward_values_equal_hand_reference_under_peft(sae, reduce):
 
 
 def test_rewards_in_a_grpo_run_with_peft(tmp_path, sae):
-    model = tiny_model("qwen3")
-    reward = code_switching_reward(model, tiny_tokenizer(), sae, [3, 9])
-    trainer = grpo_trainer(tmp_path, [reward], model=model, peft=True, steps=2)
+    """Inside a real GRPO run with LoRA, every reward equals the hand reference computed with the policy of that
+    moment, and TRL logs their mean."""
+    model, tokenizer = tiny_model("qwen3"), tiny_tokenizer()
+    reward = code_switching_reward(model, tokenizer, sae, [3, 9, 100], threshold=0.1)
+    calls = []
+
+    def checked(prompts, completions, completion_ids, **kwargs):
+        got = reward(prompts, completions, completion_ids, **kwargs)
+        calls.append((got, [hand_reward(trainer.model, tokenizer, sae, [3, 9, 100], prompt, ids, "fraction")
+                            for prompt, ids in zip(prompts, completion_ids)]))
+        return got
+
+    checked.__name__ = reward.__name__
+    trainer = grpo_trainer(tmp_path, [checked], model=model, peft=True, steps=2)
     trainer.train()
-    logs = [entry for entry in trainer.state.log_history if "rewards/sae_code_switching/mean" in entry]
-    assert len(logs) == 2 and all(-1.0 <= entry["rewards/sae_code_switching/mean"] <= 0.0 for entry in logs)
+    logs = [entry["rewards/sae_code_switching/mean"] for entry in trainer.state.log_history
+            if "rewards/sae_code_switching/mean" in entry]
+    assert len(logs) == len(calls) == 2
+    for (got, expected), logged in zip(calls, logs):
+        assert got == pytest.approx(expected, abs=1e-6)
+        assert logged == pytest.approx(sum(got) / len(got), abs=1e-6)
+    assert any(value < 0 for got, _ in calls for value in got)  # the features do fire on some completions
 
 
 def test_steered_negative_rollouts_on_the_right_rows(tmp_path, sae):
@@ -340,12 +356,31 @@ def test_grpo_penalty_with_a_language_column_equals_the_hand_formula(tmp_path, s
 
 
 def test_monitor_callback_in_grpo(tmp_path, sae):
-    reward = lambda completion_ids, **kwargs: [float(len(c)) for c in completion_ids]  # noqa: E731
+    """The logged firing rate of each step equals the rate computed by hand on that step's completions with the
+    policy that trained on them (the reward function sees the same completions and weights)."""
+    tokenizer = tiny_tokenizer()
+    expected = []
+
+    def reward(prompts, completions, completion_ids, **kwargs):
+        acts = [hand_acts(trainer.model, tokenizer, sae, 3, prompt, ids) for prompt, ids in zip(prompts, completion_ids)]
+        expected.append(float(torch.cat(acts).gt(0).float().mean()))
+        return [float(len(c)) for c in completion_ids]
+
     callback = SAEFeatureMonitorCallback(sae, [3, 9], log_every=1)
     trainer = grpo_trainer(tmp_path, [reward], callbacks=[callback], steps=2)
     trainer.train()
     rates = [entry["sae/L1/f3/rate"] for entry in trainer.state.log_history if "sae/L1/f3/rate" in entry]
-    assert len(rates) == 2 and all(0.0 <= rate <= 1.0 for rate in rates)
+    assert len(rates) == len(expected) == 2
+    assert rates == pytest.approx(expected, abs=1e-6)
+    assert 0 < sum(rates) < 2  # the feature fires on some completion tokens, not on all
+
+
+def hand_acts(model, tokenizer, sae, feature, prompt, completion_ids):
+    """``[len(completion_ids)]``: ReLU of the feature's pre-activation at the completion tokens."""
+    ids = tokenizer(prompt)["input_ids"] + list(completion_ids)
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[LAYER + 1][0]
+        return (hidden[len(ids) - len(completion_ids):] @ sae.W_enc[feature] + sae.b_enc[feature]).relu()
 
 
 @pytest.mark.slow
