@@ -362,7 +362,8 @@ def test_monitor_callback_in_grpo(tmp_path, sae):
     expected = []
 
     def reward(prompts, completions, completion_ids, **kwargs):
-        acts = [hand_acts(trainer.model, tokenizer, sae, 3, prompt, ids) for prompt, ids in zip(prompts, completion_ids)]
+        acts = [hand_acts(trainer.model, tokenizer, sae, 3, prompt, ids)
+                for prompt, ids in zip(prompts, completion_ids)]
         expected.append(float(torch.cat(acts).gt(0).float().mean()))
         return [float(len(c)) for c in completion_ids]
 
