@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import random
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from .corpus import Corpus, layer_batches
 from .errors import ConfigError
 from .hooks import check_sae_fits
 from .sae import SparseAutoencoder
-from .validation import finite, positive_int
+from .validation import finite, positive_int, renamed
 
 
 @dataclass
@@ -167,9 +166,7 @@ def fit_feature_classifier(features: TextFeatures, labels: Sequence[Any], *, top
                            top_k: int | None = None) -> FeatureClassifier:
     """Keep the ``top`` features with the largest Δ per chosen layer (``"top1-diff"``: the layer whose best single
     feature has the largest Δ)."""
-    if top_k is not None:  # the previous release's name
-        warnings.warn("fit_feature_classifier(top_k=...) is now top=...", FutureWarning, stacklevel=2)
-        top = top_k
+    top = renamed("fit_feature_classifier", "top_k", top_k, "top", top, 10)
     positive_int("top", top)
     finite("epsilon", epsilon, non_negative=True)
     deltas = feature_deltas(features, labels)

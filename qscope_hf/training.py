@@ -57,7 +57,7 @@ from .hooks import capture_layers, check_layer, hidden_size, hook_layers, layer_
 from .next_token import next_token_loss
 from .ops import Activation
 from .sae import SparseAutoencoder
-from .validation import finite, positive_int
+from .validation import finite, positive_int, renamed
 
 CHECKPOINT = "trainer_state.pt"
 #: Texts drawn at once are this many forwards' worth; they are sorted by length before batching.
@@ -503,9 +503,8 @@ def evaluate_saes(model: nn.Module, tokenizer: Any, saes: Sequence[SparseAutoenc
     Per batch: one forward gives the clean loss and reads every SAE's layer, two per SAE the spliced and zeroed
     losses. A prediction counts when both its input token and its target are real (not padding); the losses come
     from :func:`qscope_hf.next_token.next_token_loss`, which never holds the full-vocabulary logits of a batch."""
-    if context_length is not None:  # the previous release's name
-        warnings.warn("evaluate_saes(context_length=...) is now max_length=...", FutureWarning, stacklevel=2)
-        max_length = context_length
+    max_length = renamed("evaluate_saes", "context_length", context_length, "max_length", max_length, 256,
+                         stacklevel=4)  # under torch.no_grad()'s wrapper
     positive_int("max_length", max_length)
     positive_int("batch_size", batch_size)
     if not saes:

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .errors import ArgumentTypeError, ConfigError, FeatureIndexError
+
+
+def renamed(call: str, old: str, old_value: Any, new: str, new_value: Any, default: Any, *,
+            stacklevel: int = 3) -> Any:
+    """The value of an argument renamed in this release: ``new_value``, or the deprecated ``old_value`` (``None``
+    when not passed) with a ``FutureWarning`` pointing at the user's call. Passing both is a :class:`ConfigError`,
+    so the old name never silently wins over the new one."""
+    if old_value is None:
+        return new_value
+    if new_value != default:
+        raise ConfigError(f"{call}: pass {new}= only ({old}= is its previous name, kept for one release)")
+    warnings.warn(f"{call}({old}=...) is now {new}=...", FutureWarning, stacklevel=stacklevel)
+    return old_value
 
 
 def positive_int(name: str, value: Any) -> int:

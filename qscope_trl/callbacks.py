@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import json
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from qscope_hf.corpus import without_first_token
 from qscope_hf.errors import ConfigError, UnsupportedError
 from qscope_hf.hooks import check_sae_fits, decoder_layers, layer_hidden, layer_outputs, unwrap_model
 from qscope_hf.sae import SparseAutoencoder, saes_by_layer
-from qscope_hf.validation import finite, positive_int
+from qscope_hf.validation import finite, positive_int, renamed
 
 #: The file next to a trainer checkpoint that records what the monitor watched.
 MONITOR_CONFIG = "qscope_monitor.json"
@@ -105,9 +104,7 @@ class SAEFeatureMonitorCallback(TrainerCallback):
         empty = [layer for layer, index in self.features.items() if not index.numel()]
         if not self.features or empty:
             raise ConfigError(f"no features to monitor at layers {empty or sorted(self.saes)}")
-        if every is not None:  # the previous release's name
-            warnings.warn("SAEFeatureMonitorCallback(every=...) is now log_every=...", FutureWarning, stacklevel=2)
-            log_every = every
+        log_every = renamed("SAEFeatureMonitorCallback", "every", every, "log_every", log_every, None)
         self.log_every = None if log_every is None else positive_int("log_every", log_every)
         finite("threshold", threshold, non_negative=True)
         if probe_texts is not None and tokenizer is None:

@@ -43,7 +43,7 @@ from qscope_hf.errors import ArgumentTypeError, ConfigError, MissingColumnError
 from qscope_hf.hooks import check_sae_fits, hook_layers
 from qscope_hf.languages import LanguageBaselines
 from qscope_hf.sae import FeatureReader, SparseAutoencoder, saes_by_layer
-from qscope_hf.validation import finite
+from qscope_hf.validation import finite, renamed
 
 from . import trl_internals
 
@@ -96,8 +96,8 @@ class SAEFeaturePenalty:
     def __post_init__(self) -> None:
         if self.lam is not None:
             finite("lam", self.lam, non_negative=True)
-            warnings.warn("SAEFeaturePenalty(lam=...) is now coef=...", FutureWarning, stacklevel=3)
-            self.coef, self.lam = self.lam, None
+        self.coef = renamed("SAEFeaturePenalty", "lam", self.lam, "coef", self.coef, 5e-4, stacklevel=4)
+        self.lam = None
         finite("coef", self.coef, non_negative=True)
         if self.baselines is not None:
             self.baselines = LanguageBaselines.coerce(self.baselines)

@@ -14,7 +14,6 @@ conversational prompts, the plain tokenizer otherwise). Completions are scored i
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
@@ -25,7 +24,7 @@ from qscope_hf.corpus import chat_token_ids, pad_token_ids
 from qscope_hf.errors import ConfigError
 from qscope_hf.hooks import check_sae_fits, layer_outputs, unwrap_model
 from qscope_hf.sae import SparseAutoencoder
-from qscope_hf.validation import finite, integer_ids, positive_int
+from qscope_hf.validation import finite, integer_ids, positive_int, renamed
 
 Reduction = Literal["fraction", "max", "mean"]
 REDUCTIONS: tuple[Reduction, ...] = get_args(Reduction)
@@ -53,9 +52,7 @@ class SAEFeatureReward:
         if not len(self.reader):
             raise ConfigError("SAEFeatureReward needs at least one feature")
         finite("threshold", threshold, non_negative=True)
-        if weight is not None:  # the previous release's name of coef
-            warnings.warn("SAEFeatureReward(weight=...) is now coef=...", FutureWarning, stacklevel=2)
-            coef = weight
+        coef = renamed("SAEFeatureReward", "weight", weight, "coef", coef, 1.0)
         finite("coef", coef)
         positive_int("batch_size", batch_size)
         self.features = self.reader.features.tolist()

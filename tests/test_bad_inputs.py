@@ -305,3 +305,31 @@ def test_calibration_texts_follow_text_column(tmp_path, capsys):
     # with --text-column the texts are read and calibrated on (the tiny random model's near-uniform logits do not
     # respond to steering, so the calibration itself then reports that: it ran on the texts)
     assert "raise the cross-entropy by only" in run_cli(capsys, *args, "--text-column", "body")
+
+
+def test_renamed_arguments_warn_at_the_callers_line_and_refuse_both_names():
+    from qscope_hf.tiny import tiny_model, tiny_sae, tiny_tokenizer
+    from qscope_hf.training import evaluate_saes
+    from qscope_trl import SAEFeatureMonitorCallback, SAEFeaturePenalty, SAEFeatureReward
+
+    model, tokenizer, sae = tiny_model("qwen3"), tiny_tokenizer(), tiny_sae(layer=1)
+    shims = [  # (old call, both names, the value the new name gets)
+        (lambda: SAEFeaturePenalty(sae, {"zh": [3]}, lam=0.25), lambda: SAEFeaturePenalty(sae, {"zh": [3]}, lam=0.25,
+                                                                                            coef=0.1),
+         lambda made: made.coef == 0.25),
+        (lambda: SAEFeatureReward(model, tokenizer, sae, [3], weight=2.0),
+         lambda: SAEFeatureReward(model, tokenizer, sae, [3], weight=2.0, coef=3.0), lambda made: made.coef == 2.0),
+        (lambda: SAEFeatureMonitorCallback(sae, [3], every=5), lambda: SAEFeatureMonitorCallback(sae, [3], every=5,
+                                                                                                  log_every=2),
+         lambda made: made.log_every == 5),
+        (lambda: evaluate_saes(model, tokenizer, [sae], ["one two three"], context_length=8),
+         lambda: evaluate_saes(model, tokenizer, [sae], ["one two three"], context_length=8, max_length=16),
+         lambda made: made[1].tokens == 7),  # truncated at 8 tokens, the first left out
+    ]
+    for old, both, check in shims:
+        with pytest.warns(FutureWarning, match=r"\.\.\.\) is now ") as record:
+            made = old()
+        assert check(made)
+        assert [w.filename for w in record if w.category is FutureWarning] == [__file__]  # the user's line
+        with pytest.raises(ConfigError, match="pass .*= only"):
+            both()
