@@ -11,9 +11,9 @@ import os
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from qscope_hf import Steering
+from qscope_hf import Steering, repetition_features
 from qscope_hf.tiny import tiny_model, tiny_sae, tiny_tokenizer
-from qscope_trl import SteeredNegativeRollouts, repetition_features
+from qscope_trl import SteeredNegativeRollouts
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL
 model, tokenizer = tiny_model("qwen3"), tiny_tokenizer()

@@ -10,8 +10,9 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
+from qscope_hf import estimate_language_baselines, language_features
 from qscope_hf.tiny import tiny_model, tiny_sae, tiny_tokenizer
-from qscope_trl import SAEFeaturePenalty, add_sae_penalty, estimate_language_baselines, language_features
+from qscope_trl import SAEFeaturePenalty, add_sae_penalty
 
 model, tokenizer = tiny_model("qwen3"), tiny_tokenizer()
 saes = [tiny_sae(64, 256, 8, layer=2, seed=1), tiny_sae(64, 256, 8, layer=3, seed=2)]

@@ -5,6 +5,8 @@
   penalty for ``GRPOTrainer``);
 - :class:`SAEFeatureReward` (+ presets): SAE-feature rewards for ``GRPOTrainer``;
 - :class:`SteeredNegativeRollouts`: one SAE-steered negative rollout per GRPO group (paper §8).
+
+The language and repetition feature finders they need are :mod:`qscope_hf`'s, re-exported here for convenience.
 """
 
 from qscope_hf.compat import check_trl
@@ -15,11 +17,12 @@ from qscope_hf.languages import LanguageBaselines, LanguageFeatures, estimate_la
 from qscope_hf.repetition import repetition_features
 
 from .callbacks import SAEFeatureMonitorCallback
-from .losses import SAEFeaturePenalty, SAEPenaltyMixin, add_sae_penalty, with_sae_penalty
+from .losses import GRPOPenaltyMixin, SAEFeaturePenalty, SAEPenaltyMixin, add_sae_penalty, with_sae_penalty
 from .rewards import SAEFeatureReward, code_switching_reward, repetition_reward
 from .rollouts import SteeredNegativeRollouts
 
 __all__ = [
+    "GRPOPenaltyMixin",
     "LanguageBaselines",
     "LanguageFeatures",
     "SAEFeatureMonitorCallback",

@@ -70,3 +70,13 @@ def test_no_reference_leaves_the_repository():
             if needle in text and name != "tests/test_docs.py":
                 offending.append(f"{name}: {needle}")
     assert not offending, offending
+
+
+def test_qscope_trl_re_exports_only_what_qscope_hf_exports():
+    import qscope_hf
+    import qscope_trl
+
+    for name in qscope_trl.__all__:
+        obj = getattr(qscope_trl, name)
+        if obj.__module__.startswith("qscope_hf"):
+            assert getattr(qscope_hf, name, None) is obj, name
