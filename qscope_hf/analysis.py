@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .corpus import Corpus, layer_batches
-from .errors import ConfigError
+from .errors import ConfigError, MissingDependencyError
 from .hooks import check_sae_fits
 from .sae import SparseAutoencoder
 from .validation import fraction as fraction_
@@ -163,11 +163,19 @@ def ranking_redundancy(scores: Mapping[str, Sequence[float]], *, fraction: float
     return sum(taus) / len(taus)
 
 
+def _figure(**options: Any) -> Any:
+    """A matplotlib ``Figure`` (no pyplot: a notebook's backend and figures are left alone); plots are the only
+    part of qscope that needs matplotlib, an optional dependency."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MissingDependencyError("plots need matplotlib: pip install 'qscope[plots]'") from None
+    return Figure(**options)
+
+
 def plot_coverage(curves: Mapping[str, CoverageCurve], path: str | Path) -> Path:
     """Coverage curves (with bands) of several benchmarks, against the fraction of samples, as a PNG."""
-    from matplotlib.figure import Figure  # no pyplot: a notebook's backend and figures are left alone
-
-    figure = Figure(figsize=(6, 4))
+    figure = _figure(figsize=(6, 4))
     axis = figure.subplots()
     for name, curve in curves.items():
         xs = [n / curve.n[-1] for n in curve.n]
@@ -183,9 +191,7 @@ def plot_coverage(curves: Mapping[str, CoverageCurve], path: str | Path) -> Path
 
 def plot_overlap(names: Sequence[str], matrix: Sequence[Sequence[float]], path: str | Path) -> Path:
     """An overlap heatmap (row benchmark → column benchmark) as a PNG."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(1.2 * len(names) + 2, 1.0 * len(names) + 1.5))
+    figure = _figure(figsize=(1.2 * len(names) + 2, 1.0 * len(names) + 1.5))
     axis = figure.subplots()
     image = axis.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
     axis.set_xticks(range(len(names)), names, rotation=45, ha="right")

@@ -333,3 +333,15 @@ def test_renamed_arguments_warn_at_the_callers_line_and_refuse_both_names():
         assert [w.filename for w in record if w.category is FutureWarning] == [__file__]  # the user's line
         with pytest.raises(ConfigError, match="pass .*= only"):
             both()
+
+
+def test_plots_without_matplotlib_name_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    from qscope_hf.analysis import CoverageCurve, plot_coverage
+    from qscope_hf.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # what an environment without matplotlib gives
+    curve = CoverageCurve(n=[1, 2], mean=[0.5, 1.0], low=[0.5, 1.0], high=[0.5, 1.0])
+    with pytest.raises(MissingDependencyError, match=r"pip install 'qscope\[plots\]'"):
+        plot_coverage({"a": curve}, tmp_path / "c.png")
