@@ -68,7 +68,8 @@ def residual_spread(hidden: Tensor, real: Tensor) -> Tensor:
     The median distance ``‖h_t − h̄‖`` of a row's residuals from their mean ``h̄``, over its real tokens but the first
     (``real [B, T]``), times ``√(n/(n−1))`` for the ``n`` tokens counted (their
     mean is estimated from them). Centring matters: many models carry a nearly constant "massive" dimension that
-    holds most of a token's norm (77 % of its variance at a middle layer of Gemma 3 270M), and a unit that counted it
+    holds most of a token's norm (at layer 9 of Gemma 3 270M one coordinate averages 6 466 against a median norm of
+    6 737), and a unit that counted it
     would make the same relative strength tiny on one model and large on another. Raises :class:`PositionError` when
     a row has fewer than 3 real tokens.
     """

@@ -64,7 +64,7 @@ class Steering:
     :func:`~qscope_hf.corpus.residual_spread` of its real prompt tokens at the steered layer (their median distance
     from their mean, the first token left out), measured at the prefill and kept for the generated tokens. Centred,
     the unit ignores the nearly constant "massive" dimensions many models carry, so a relative strength is of the
-    same order at every layer and in every model; what a model tolerates still differs (up to 5 × between two
+    same order at every layer and in every model; what a model tolerates still differs (4–6 × between two
     small models), which :func:`~qscope_hf.calibration.calibrate_strength` measures.
     :meth:`from_vector` steers along any direction (difference of means, a probe, a targeted vector) instead of
     SAE features.
