@@ -2,7 +2,7 @@
 
 ``model(**inputs, labels=...)`` holds ``[B, T, V]`` logits, and the loss upcasts and log-softmaxes them again: with a
 262k-token vocabulary, 8 texts of 256 tokens are 2 GB per copy, and evaluating SAEs (a clean, a spliced and a
-zero-ablated pass per batch) spends most of its time there. :func:`next_token_loss` runs the model's decoder once
+zero-ablated pass per batch) holds several such copies. :func:`next_token_loss` runs the model's decoder once
 and applies the output head to chunks of the scored positions only (at most :data:`CHUNK_ELEMENTS` logits at once).
 
 The head is ``get_output_embeddings()`` followed by the final-logit soft-capping that some architectures configure
