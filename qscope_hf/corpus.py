@@ -53,7 +53,7 @@ class LayerBatch:
 
     def counted(self, skip_first: bool) -> Tensor:
         """``[B, T]`` real tokens, minus each text's first when ``skip_first``."""
-        return self.real & (self.positions > 0) if skip_first else self.real
+        return without_first_token(self.real) if skip_first else self.real
 
 
 def without_first_token(real: Tensor) -> Tensor:
