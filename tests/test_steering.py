@@ -339,7 +339,7 @@ def test_supported_transformers_versions():
     """Steering wraps transformers' decoding loops: 5.x is supported (5.24 tested), anything else fails clearly."""
     import transformers
 
-    from qscope_hf.steering import check_transformers
+    from qscope_hf.compat import check_transformers
 
     check_transformers()  # the installed release
     assert transformers.__version__.startswith("5.")
