@@ -39,19 +39,38 @@ def test_shipped_saes_fit_the_budget_and_load():
     assert isinstance(SparseAutoencoder.from_pretrained(ASSETS, layer=layers[0]), SparseAutoencoder)
 
 
-def test_recorded_metrics_are_reproduced_on_held_out_text(smollm2):
+def test_shipped_saes_measured_by_hand_on_held_out_text(smollm2):
+    """evaluate_saes' explained variance and dead latents equal the SAE formula computed here from the model's own
+    hidden states, and both meet the quality the shipped SAEs were recorded with."""
     model, tokenizer = smollm2
-    recorded = shipped_metrics()
+    recorded = shipped_metrics()["metrics"]
     contrast = json.loads((ASSETS / "contrast.json").read_text())
-    texts = contrast["en"][:12] + contrast["fr"][:12]
-    measured = evaluate_saes(model, tokenizer, load_saes(), texts)
-    for layer, metrics in measured.items():
-        target = recorded["metrics"][str(layer)]
-        assert metrics.explained >= 0.8 and target["explained"] >= 0.8
-        assert abs(metrics.explained - target["explained"]) < 0.08
-        assert metrics.dead <= 0.5  # a small sample leaves some latents silent; the recorded figure is < 5%
-        assert target["dead"] < 0.05
-        assert metrics.ce_increase < 0.10 and target["ce_increase"] < 0.10
+    texts = contrast["en"][:12] + contrast["fr"][:12]  # held-out paragraphs: 1,824 counted tokens
+    saes = load_saes()
+    measured = evaluate_saes(model, tokenizer, saes, texts)
+    inputs = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+    real = inputs["attention_mask"].bool()
+    counted = real & (real.long().cumsum(1) > 1)  # real tokens after the first
+    for sae in saes:
+        x = hidden[sae.layer + 1][counted]  # the output of decoder layer `layer`
+        W_enc, b_enc, W_dec, b_dec = (p.detach() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
+        top = (x @ W_enc.T + b_enc).topk(sae.k, dim=-1)
+        codes = torch.zeros(len(x), sae.d_sae).scatter(1, top.indices, top.values.relu())
+        error = codes @ W_dec.T + b_dec - x
+        explained = 1 - float(error.double().pow(2).sum() / (x.double() - x.double().mean(0)).pow(2).sum())
+        dead = float((codes > 0).sum(0).eq(0).float().mean())
+        metrics = measured[sae.layer]
+        assert metrics.tokens == len(x) == 1824
+        assert metrics.explained == pytest.approx(explained, abs=1e-4)
+        assert metrics.dead == pytest.approx(dead, abs=2 / sae.d_sae)  # a borderline top-k tie may differ
+        assert explained >= 0.78 and abs(explained - recorded[str(sae.layer)]["explained"]) < 0.05
+        # 1,824 tokens x 32 firing latents is ~13 firings per latent on average: the rare latents stay silent
+        # here (6.6-6.8 % measured for the shipped SAEs, 0.1 % over the 15,500 recorded tokens); an SAE with
+        # a tenth of its latents dead does not pass
+        assert dead < 0.10
+        assert metrics.ce_increase < 0.05
 
 
 def test_demo_runs_on_smollm2(smollm2, monkeypatch):
