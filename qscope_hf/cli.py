@@ -16,6 +16,7 @@ from .discovery import CONTRAST_BY
 from .errors import ConfigError, OutputExistsError, QscopeError
 from .output_scores import RANKINGS
 from .steering import MODES, POSITIONS
+from .training import PARALLEL
 
 #: Mistakes a user can make on the command line: every refusal of qscope, and what the file system says (a path
 #: that cannot be read or written). One line, exit 1.
@@ -172,10 +173,12 @@ def _train_sae(args: argparse.Namespace) -> None:
     data = datasets.concatenate_datasets(corpora)
     config = TrainConfig(layers=args.layers, k=args.k, d_sae=args.d_sae, expansion=args.expansion, lr=args.lr,
                          total_tokens=args.tokens, batch_tokens=args.batch_tokens, context_length=args.context_length,
-                         checkpoint_every=args.checkpoint_every, seed=args.seed)
+                         checkpoint_every=args.checkpoint_every, seed=args.seed, parallel=args.parallel)
     trainer = SAETrainer(model, tokenizer, config, text_column=args.text_column)
     saes = trainer.fit(data, args.out, resume=args.resume)
-    print(f"wrote {len(saes)} SAEs to {args.out}")
+    if not trainer.writes_saes:  # parallel="data": rank 0 writes and evaluates the SAEs every process holds
+        return
+    print(f"wrote {len(saes)} SAEs (layers {sorted(saes)}) to {args.out}")
     if args.eval:
         held_out = load_texts(args.eval, args.text_column)[args.text_column]
         for layer, metrics in evaluate_saes(model, tokenizer, list(saes.values()), held_out).items():
@@ -329,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=_positive, default=None)
     train.add_argument("--resume", action="store_true")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--parallel", choices=PARALLEL, default="data",
+                       help="under torchrun / accelerate launch: split the texts (data) or the layers over processes")
     train.add_argument("--eval", default=None, help="held-out corpus for FVU, L0, dead latents and spliced loss")
     train.set_defaults(run=_train_sae)
     return parser

@@ -167,12 +167,17 @@ class SparseAutoencoder(nn.Module):
         return self.decode_topk(*self.encode_topk(x), check_indices=False)
 
     # -- training geometry (the recipe of Gao et al. 2024, as in sparsify) ------------------------------------------
-    def training_loss(self, x: Tensor, *, dead: Tensor | None = None, aux_k: int | None = None) -> TrainingLoss:
+    def training_loss(self, x: Tensor, *, dead: Tensor | None = None, aux_k: int | None = None,
+                      variance: Tensor | None = None) -> TrainingLoss:
         """FVU of reconstructing ``x [N, d_model]`` and, when ``dead [d_sae]`` (bool) marks dead latents, the AuxK
-        loss: the dead latents' top ``aux_k`` codes reconstructing the main error, over the same variance."""
+        loss: the dead latents' top ``aux_k`` codes reconstructing the main error, over the same variance.
+
+        ``variance`` (a scalar) replaces ``Σ‖x − mean(x)‖²`` as the denominator: data-parallel training passes the
+        whole batch's, so that each process's loss is its share of the batch's FVU."""
         values, indices = self.encode_topk(x)
         error = self.decode_topk(values, indices, check_indices=False) - x
-        variance = (x - x.mean(0)).pow(2).sum()
+        if variance is None:
+            variance = (x - x.mean(0)).pow(2).sum()
         fvu = error.pow(2).sum() / variance
         aux = fvu.new_zeros(())
         if dead is not None and bool(dead.any()):

@@ -30,6 +30,15 @@ forward stops after the last of them), and trains one :class:`SparseAutoencoder`
 - **State.** ``checkpoint_every`` steps the SAEs, optimizers, dead-latent counters, the activation buffer, the data
   cursor and the shuffling generator are saved; :meth:`SAETrainer.fit` with ``resume=True`` continues exactly
   where it stopped (same result as an uninterrupted run).
+- **Many processes** (``torchrun`` / ``accelerate launch``; :mod:`qscope_hf.distributed`). ``parallel="data"``:
+  each process forwards its share of every pool of texts into its own buffer and trains on ``batch_tokens /
+  world`` rows per step; the batch's mean and variance, the gradients, the firing counts and the logged metrics
+  are summed over the processes, so a step equals one process's step on the union of the shares (every process
+  holds the same SAEs). ``parallel="layers"``: every process reads all texts and trains its share of ``layers``
+  (``layers[rank::world]``) from its own forward, on the tokens one process would keep, so each layer gets the
+  SAE one process would give it. Rank 0 writes what the processes share; in ``"layers"`` mode each process writes
+  its own layers' SAEs. Checkpoints hold one file per process (``trainer_state.pt``, ``trainer_state.rank1.pt``,
+  ...): rank 0's holds the SAEs and optimizers in ``"data"`` mode, each process's its buffer and data position.
 
 :func:`evaluate_saes` reports on held-out text: FVU, L0, dead fraction, and the next-token loss with each SAE's
 reconstruction spliced in, against the clean model and a zero-ablated layer (and the loss recovered).
@@ -44,7 +53,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import datasets
 import torch
@@ -52,6 +61,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .corpus import without_first_token
+from .distributed import Processes
 from .errors import ConfigError, MissingFileError
 from .hooks import capture_layers, check_layer, hidden_size, hook_layers, layer_outputs
 from .next_token import next_token_loss
@@ -64,12 +74,15 @@ CHECKPOINT = "trainer_state.pt"
 TEXT_POOL = 8
 #: Steps before the guard rails judge a run (the first steps of any run reconstruct badly).
 WARM_UP_STEPS = 20
+#: How several processes share the work: the data (each its share of the texts) or the layers (each its layers).
+Parallel = Literal["data", "layers"]
+PARALLEL: tuple[Parallel, ...] = get_args(Parallel)
 
 
 @dataclass
 class TrainConfig:
     """Hyper-parameters of :class:`SAETrainer` (``d_sae`` defaults to ``expansion × d_model``; ``lr`` to
-    ``2e-4 / sqrt(d_sae / 16384)``; ``aux_k`` to ``d_model / 2``)."""
+    ``2e-4 / sqrt(d_sae / 16384)``; ``aux_k`` to ``d_model / 2``; ``parallel`` matters only under a launcher)."""
 
     layers: list[int]
     k: int = 32
@@ -91,6 +104,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int | None = None
     log_every: int = 20
+    parallel: Parallel = "data"
 
     def __post_init__(self) -> None:
         self.layers = list(self.layers)
@@ -109,6 +123,8 @@ class TrainConfig:
         if self.buffer_tokens < self.batch_tokens:
             raise ConfigError(f"buffer_tokens={self.buffer_tokens} must hold at least one batch of "
                               f"batch_tokens={self.batch_tokens}")
+        if self.parallel not in PARALLEL:
+            raise ConfigError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
         if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
             raise ConfigError(f"dtype must be one of float32, bfloat16, float16, float64; got {self.dtype!r}")
         if self.dead_after_tokens is not None and self.dead_after_tokens >= self.total_tokens:
@@ -177,24 +193,42 @@ class SAETrainer:
         self.d_sae = config.d_sae or config.expansion * self.d_model
         self.device = next(model.parameters()).device
         self.dtype = getattr(torch, config.dtype)
+        #: This process and the others it trains with (under a launcher).
+        self.processes = Processes.current()
+        world = self.processes.world
+        if world > 1 and config.parallel == "layers" and len(config.layers) < world:
+            raise ConfigError(f"parallel='layers' gives each of {world} processes its own layers, but there are "
+                              f"only {len(config.layers)}: train more layers or use parallel='data'")
+        if world > 1 and config.parallel == "data" and (config.batch_tokens % world or config.buffer_tokens % world):
+            raise ConfigError(f"parallel='data' splits batch_tokens={config.batch_tokens} and buffer_tokens="
+                              f"{config.buffer_tokens} over {world} processes: make both multiples of {world}")
+        split = world > 1 and config.parallel == "data"
+        #: The processes each batch is split over (this one alone unless ``parallel="data"``).
+        self.data_processes = self.processes if split else Processes()
+        #: The layers this process trains (``layers[rank::world]`` with ``parallel="layers"``, else all).
+        self.layers = list(config.layers) if world == 1 or split else config.layers[self.processes.rank::world]
+        self._columns = [config.layers.index(layer) for layer in self.layers]
         generator = torch.Generator().manual_seed(config.seed)
         #: The SAEs being trained, in normalised units (see :attr:`saes` for the SAEs in the model's units).
         self.working: dict[int, SparseAutoencoder] = {}
-        for layer in config.layers:
+        for layer in config.layers:  # every layer's initial SAE draws from the generator, trained here or not
             sae = SparseAutoencoder(self.d_model, self.d_sae, config.k, config.activation, layer=layer,
                                     model_id=getattr(getattr(model, "config", None), "_name_or_path", None))
             sae.reset_parameters(generator)
-            self.working[layer] = sae.to(self.device, self.dtype)
+            if layer in self.layers:
+                self.working[layer] = sae.to(self.device, self.dtype)
+        self.batch_rows = config.batch_tokens // self.data_processes.world  # this process's rows of a batch
         lr = config.lr or 2e-4 / math.sqrt(self.d_sae / 16384)
         self.optimizers = {layer: torch.optim.Adam(sae.parameters(), lr=lr) for layer, sae in self.working.items()}
         #: Per layer, the input normalisation ``(mean [d_model], scale)`` fitted on the first batch (fp64).
         self.normalisation: dict[int, tuple[Tensor, Tensor]] = {}
-        self.since_fired = {layer: torch.zeros(self.d_sae, dtype=torch.long) for layer in config.layers}
+        self.since_fired = {layer: torch.zeros(self.d_sae, dtype=torch.long) for layer in self.layers}
         self.problems: list[str] = []
         self._folded: tuple[int, dict[int, SparseAutoencoder]] | None = None
         self._progress = True
         self.shuffle = torch.Generator().manual_seed(config.seed + 1)
-        self.buffer = _Buffer(torch.zeros(config.buffer_tokens, len(config.layers), self.d_model, dtype=self.dtype))
+        self.buffer = _Buffer(torch.zeros(config.buffer_tokens // self.data_processes.world, len(self.layers),
+                                          self.d_model, dtype=self.dtype))
         self.step, self.tokens, self.texts_consumed = 0, 0, 0
         self.history: list[dict[str, float]] = []
 
@@ -208,8 +242,7 @@ class SAETrainer:
         size = self.config.text_batch_size
         chunks = [self._forward_activations([texts[i] for i in order[start:start + size]])
                   for start in range(0, len(order), size)]
-        return torch.cat(chunks) if chunks else torch.empty(0, len(self.config.layers), self.d_model,
-                                                            dtype=self.dtype)
+        return torch.cat(chunks) if chunks else torch.empty(0, len(self.layers), self.d_model, dtype=self.dtype)
 
     def _forward_activations(self, texts: list[str]) -> Tensor:
         """``[n, layers, d]`` activations of the kept tokens of ``texts`` (one padded forward)."""
@@ -217,7 +250,7 @@ class SAETrainer:
         inputs = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
                                 max_length=config.context_length).to(self.device)
         if inputs["input_ids"].shape[1] == 0:
-            return torch.empty(0, len(config.layers), self.d_model, dtype=self.dtype)
+            return torch.empty(0, len(self.layers), self.d_model, dtype=self.dtype)
         with torch.no_grad():
             captured = layer_outputs(self.model, config.layers, **inputs)
         acts = torch.stack([captured[layer] for layer in config.layers], dim=2)  # [B, T, L, d]
@@ -225,32 +258,42 @@ class SAETrainer:
         if config.skip_first:
             keep = without_first_token(keep)
         acts = acts[keep]  # [n, L, d]
-        if config.norm_filter is not None and len(acts):
+        if config.norm_filter is not None and len(acts):  # judged at every layer, trained here or not
             norms = acts.float().norm(dim=-1)  # [n, L]
             acts = acts[(norms <= config.norm_filter * norms.median(dim=0).values).all(dim=1)]
+        if len(self._columns) < len(config.layers):
+            acts = acts[:, self._columns]
         return acts.to("cpu", self.dtype)
 
     def _texts(self, data: datasets.Dataset) -> list[str]:
-        """The next ``text_batch_size × TEXT_POOL`` texts (cycling through ``data``, one epoch after another)."""
-        start = self.texts_consumed % len(data)
-        texts = data[start:start + self.config.text_batch_size * TEXT_POOL][self.text_column]
-        self.texts_consumed += len(texts)
-        return texts
+        """The next ``text_batch_size × TEXT_POOL`` texts (cycling through ``data``, one epoch after another). With
+        ``parallel="data"`` the pool is ``world`` times larger, wraps around the end of ``data`` and each process
+        takes every ``world``-th text: equal shares, so every process runs as many forwards (a sharded model
+        needs that)."""
+        start, size = self.texts_consumed % len(data), self.config.text_batch_size * TEXT_POOL
+        split = self.data_processes
+        if split.world == 1:
+            texts = data[start:start + size][self.text_column]
+            self.texts_consumed += len(texts)
+            return texts
+        pool = [(start + i) % len(data) for i in range(size * split.world)]
+        self.texts_consumed += len(pool)
+        return data[pool[split.rank::split.world]][self.text_column]
 
     def _batches(self, data: datasets.Dataset) -> Iterator[Tensor]:
-        """Shuffled ``[batch_tokens, layers, d]`` batches, endlessly (the caller stops at its token budget). Each
+        """Shuffled ``[batch_rows, layers, d]`` batches, endlessly (the caller stops at its token budget). Each
         round fills the buffer, shuffles it and hands out half of it; the state lives in ``self.buffer``, so a
         checkpoint taken between two batches resumes mid-round."""
-        config, buffer = self.config, self.buffer
+        buffer = self.buffer
         while True:
             if buffer.position >= buffer.drawn:
                 buffer.compact()
                 texts_before = self.texts_consumed
                 filling = tqdm(total=len(buffer.store), initial=buffer.count, unit="tok", desc="fill buffer",
                                leave=False, disable=not self._progress)
-                while not buffer.full:
+                while self._filling():
                     buffer.fill()
-                    if not buffer.full:
+                    if not buffer.full or self.data_processes.world > 1:  # in step with the others' forwards
                         buffer.pending.append(self._activations(self._texts(data)))
                         filling.update(min(len(buffer.store), buffer.count + len(buffer.pending[-1])) - filling.n)
                     if self.texts_consumed - texts_before > 2 * len(data) and buffer.count == 0:
@@ -258,47 +301,61 @@ class SAETrainer:
                 filling.close()
                 order = torch.randperm(buffer.count, generator=self.shuffle)
                 buffer.store[:] = buffer.store[order]
-                halves = buffer.count // 2 // config.batch_tokens
-                buffer.drawn = max(config.batch_tokens, halves * config.batch_tokens)
+                halves = buffer.count // 2 // self.batch_rows
+                buffer.drawn = max(self.batch_rows, halves * self.batch_rows)
             start = buffer.position
-            buffer.position += config.batch_tokens
-            yield buffer.store[start:start + config.batch_tokens]
+            buffer.position += self.batch_rows
+            yield buffer.store[start:start + self.batch_rows]
+
+    def _filling(self) -> bool:
+        """Whether some process's buffer is not full yet (they all forward until none is)."""
+        return bool(self.data_processes.sum(torch.tensor([int(not self.buffer.full)], device=self.device))[0])
 
     # -- one step ---------------------------------------------------------------------------------------------
     def _normalise(self, layer: int, x: Tensor) -> Tensor:
         """``(x − mean) / scale`` with the layer's normalisation, fitted on the first batch it sees."""
         if layer not in self.normalisation:
             wide = x.double()
-            mean = wide.mean(0)
-            scale = (wide - mean).pow(2).sum(-1).mean().div(x.shape[-1]).sqrt().clamp(min=1e-12)
+            mean = self.data_processes.mean_rows(wide)
+            spread = self.data_processes.sum(torch.stack([(wide - mean).pow(2).sum(), wide.new_tensor(len(x))]))
+            scale = (spread[0] / spread[1] / x.shape[-1]).sqrt().clamp(min=1e-12)
             self.normalisation[layer] = (mean.cpu(), scale.cpu())
         mean, scale = self.normalisation[layer]
         return ((x.double() - mean.to(x.device)) / scale.to(x.device)).to(self.dtype)
 
     def _step(self, layer: int, x: Tensor) -> StepMetrics:
-        config, sae, optimizer = self.config, self.working[layer], self.optimizers[layer]
+        config, sae, optimizer, split = self.config, self.working[layer], self.optimizers[layer], self.data_processes
         x = self._normalise(layer, x.to(self.device))
-        if self.step == 0:
+        variance = None  # one process: the loss computes it from x
+        if self.step == 0 or split.world > 1:
             with torch.no_grad():
-                sae.b_dec.copy_(x.mean(0))
+                mean = split.mean_rows(x)
+                if self.step == 0:
+                    sae.b_dec.copy_(mean.to(self.dtype))
+                if split.world > 1:  # the whole batch's, so that the processes' losses add up to its FVU
+                    variance = split.sum((x.double() - mean).pow(2).sum().reshape(1))[0].to(self.dtype)
         dead = self.since_fired[layer] > config.dead_window
-        out = sae.training_loss(x, dead=dead if config.aux_coef > 0 else None, aux_k=config.aux_k)
+        out = sae.training_loss(x, dead=dead if config.aux_coef > 0 else None, aux_k=config.aux_k,
+                                variance=variance)
         optimizer.zero_grad(set_to_none=True)
         (out.fvu + config.aux_coef * out.aux).backward()
+        split.sum_gradients(sae.parameters())
         sae.remove_gradient_parallel_to_decoder_directions()
         optimizer.step()
         sae.set_decoder_norm_to_unit_norm()
-        self._track_firing(layer, out.values, out.indices, len(x))
-        window = min(config.dead_window, self.tokens + len(x))  # never fired since the start counts as dead
-        return StepMetrics(float(out.fvu.detach()), float(out.aux.detach()),
-                           float((out.values > 0).sum(-1).float().mean()),
-                           float((self.since_fired[layer] >= window).float().mean()))
+        rows = len(x) * split.world
+        self._track_firing(layer, out.values, out.indices, rows)
+        fvu, aux, firing = split.sum(torch.stack([out.fvu.detach(), out.aux.detach(),
+                                                  (out.values > 0).sum().to(out.fvu.dtype)]).double()).tolist()
+        window = min(config.dead_window, self.tokens + rows)  # never fired since the start counts as dead
+        return StepMetrics(fvu, aux, firing / rows, float((self.since_fired[layer] >= window).float().mean()))
 
     @torch.no_grad()
     def _track_firing(self, layer: int, values: Tensor, indices: Tensor, tokens: int) -> None:
-        """Dead-latent bookkeeping: tokens since each latent last fired."""
-        fired = torch.zeros(self.d_sae, dtype=torch.bool)
-        fired[indices[values > 0].cpu()] = True
+        """Dead-latent bookkeeping: tokens since each latent last fired (in any process's share of the batch)."""
+        fired = torch.zeros(self.d_sae, dtype=torch.int32, device=indices.device)
+        fired[indices[values > 0]] = 1
+        fired = self.data_processes.sum(fired).cpu() > 0
         self.since_fired[layer] += tokens
         self.since_fired[layer][fired] = 0
 
@@ -318,9 +375,9 @@ class SAETrainer:
                 raise MissingFileError(f"nothing to resume: no {CHECKPOINT} in {out}")
             self.load_checkpoint(out / CHECKPOINT)
         config = self.config
-        self._progress = progress
+        self._progress = progress and self.processes.main
         bar = tqdm(total=config.total_tokens, initial=self.tokens, unit="tok", desc="train SAEs",
-                   disable=not progress)
+                   disable=not self._progress)
         for batch in self._batches(dataset):
             if self.tokens >= config.total_tokens:
                 break
@@ -335,17 +392,21 @@ class SAETrainer:
 
     def fit_activations(self, activations: Tensor, *, epochs: int = 1,
                         progress: bool = True) -> dict[int, SparseAutoencoder]:
-        """Train on cached activations ``[N, len(layers), d_model]`` (reshuffled every epoch) instead of text."""
+        """Train on cached activations ``[N, len(layers), d_model]`` (reshuffled every epoch) instead of text.
+
+        Under a launcher every process passes the same activations: with ``parallel="data"`` each trains on its
+        share of every batch, with ``parallel="layers"`` on its layers' columns."""
         expected = (len(self.config.layers), self.d_model)
         if activations.dim() != 3 or tuple(activations.shape[1:]) != expected:
             raise ConfigError(f"activations must be [N, {expected[0]}, {expected[1]}], got {tuple(activations.shape)}")
-        batch = self.config.batch_tokens
+        batch, share = self.config.batch_tokens, self.data_processes.rank * self.batch_rows
         bar = tqdm(total=epochs * (len(activations) // batch) * batch, unit="tok", desc="train SAEs",
-                   disable=not progress)
+                   disable=not (progress and self.processes.main))
         for _ in range(epochs):
             order = torch.randperm(len(activations), generator=self.shuffle)
             for start in range(0, len(activations) - batch + 1, batch):
-                self._train_batch(activations[order[start:start + batch]].to(self.dtype), bar)
+                rows = order[start + share:start + share + self.batch_rows]
+                self._train_batch(activations[rows][:, self._columns].to(self.dtype), bar)
         bar.close()
         self._check_health()
         return self.saes
@@ -355,7 +416,7 @@ class SAETrainer:
         its latents never fired: the SAE is unusable, whatever the loss curve looked like."""
         last = self.history[-1] if self.history and self.step >= WARM_UP_STEPS else None
         self.problems = []
-        for layer in self.config.layers:
+        for layer in self.layers:
             if last is not None and last[f"sae/L{layer}/fvu"] >= 1:
                 self.problems.append(f"layer {layer}: training FVU {last[f'sae/L{layer}/fvu']:.3f} >= 1 after "
                                      f"{self.step} steps (worse than predicting the mean)")
@@ -367,9 +428,10 @@ class SAETrainer:
 
     @property
     def saes(self) -> dict[int, SparseAutoencoder]:
-        """The trained SAEs in the model's units (the input normalisation folded into their biases), by layer."""
+        """The trained SAEs in the model's units (the input normalisation folded into their biases), by layer: this
+        process's layers (all of them unless ``parallel="layers"`` under a launcher)."""
         if self._folded is None or self._folded[0] != self.step:
-            self._folded = (self.step, {layer: self._fold(layer) for layer in self.config.layers})
+            self._folded = (self.step, {layer: self._fold(layer) for layer in self.layers})
         return self._folded[1]
 
     @torch.no_grad()
@@ -385,12 +447,13 @@ class SAETrainer:
         return sae
 
     def _train_batch(self, batch: Tensor, bar: tqdm) -> None:
-        """One step of every SAE on ``batch [batch_tokens, layers, d]``; logs every ``log_every`` steps."""
+        """One step of every SAE on ``batch [batch_rows, layers, d]``; logs every ``log_every`` steps."""
         config = self.config
-        metrics = {layer: self._step(layer, batch[:, i]) for i, layer in enumerate(config.layers)}
+        metrics = {layer: self._step(layer, batch[:, i]) for i, layer in enumerate(self.layers)}
+        rows = len(batch) * self.data_processes.world
         self.step += 1
-        self.tokens += len(batch)
-        bar.update(len(batch))
+        self.tokens += rows
+        bar.update(rows)
         if self.step % config.log_every == 0 or self.tokens >= config.total_tokens:
             self.history.append({"step": self.step, "tokens": self.tokens,
                                  **{f"sae/L{layer}/{k}": v for layer, m in metrics.items()
@@ -399,48 +462,72 @@ class SAETrainer:
                              for layer, m in metrics.items()})
 
     # -- persistence ------------------------------------------------------------------------------------------
+    @property
+    def writes_saes(self) -> bool:
+        """Whether this process writes SAE files: rank 0, or every process for its own layers (``"layers"``)."""
+        return self.processes.main or self.data_processes.world == 1
+
     def save(self, out_dir: str | Path) -> Path:
-        """Write the SAEs (Qwen-Scope layout + SAELens directories) and the training history."""
+        """Write the SAEs (Qwen-Scope layout + SAELens directories) and the training history. Under a launcher
+        every process calls it: rank 0 writes what they share, each process its own layers (``"layers"``)."""
         out = Path(out_dir)
-        for layer, sae in self.saes.items():
-            sae.save_pretrained(out, format="qwen-scope")
-            sae.save_pretrained(out / "saelens" / f"layer{layer}", format="saelens")
-        (out / "training.json").write_text(json.dumps({"config": asdict(self.config), "d_sae": self.d_sae,
-                                                       "steps": self.step, "tokens": self.tokens,
-                                                       "history": self.history}, indent=2))
+        if self.writes_saes:
+            for layer, sae in self.saes.items():
+                sae.save_pretrained(out, format="qwen-scope")
+                sae.save_pretrained(out / "saelens" / f"layer{layer}", format="saelens")
+        histories = self.processes.gather(self.history) if self.data_processes.world == 1 else [self.history]
+        if self.processes.main:  # each process logged its own layers at the same steps
+            history = [{key: value for entry in entries for key, value in entry.items()} for entries in zip(*histories)]
+            (out / "training.json").write_text(json.dumps({
+                "config": asdict(self.config), "d_sae": self.d_sae, "steps": self.step, "tokens": self.tokens,
+                "processes": self.processes.world, "history": history}, indent=2))
         return out
+
+    def _state_path(self, path: Path) -> Path:
+        """This process's checkpoint file: ``path`` for rank 0, ``<stem>.rank<r><suffix>`` for the others."""
+        rank = self.processes.rank
+        return path if rank == 0 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
 
     def save_checkpoint(self, path: str | Path) -> None:
         """Write everything :meth:`fit` needs to resume exactly (SAEs, optimizers, counters, buffer, data
-        cursor, generators) to ``path``."""
+        cursor, generators) to ``path``; under a launcher each process writes its own file (see the module
+        docstring), and with ``parallel="data"`` only rank 0 writes the SAEs and optimizers they all hold."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({
-            "saes": {layer: sae.state_dict() for layer, sae in self.working.items()},
-            "normalisation": self.normalisation,
-            "optimizers": {layer: opt.state_dict() for layer, opt in self.optimizers.items()},
-            "since_fired": self.since_fired, "shuffle": self.shuffle.get_state(),
+        state = {
+            "processes": self.processes.world, "shuffle": self.shuffle.get_state(),
             "buffer": self.buffer.store[:self.buffer.count].clone(), "pending": self.buffer.pending,
             "position": self.buffer.position, "drawn": self.buffer.drawn,
             "step": self.step, "tokens": self.tokens, "texts_consumed": self.texts_consumed,
-            "history": self.history,
-        }, path)
+        }
+        if self.writes_saes:
+            state.update({
+                "saes": {layer: sae.state_dict() for layer, sae in self.working.items()},
+                "normalisation": self.normalisation,
+                "optimizers": {layer: opt.state_dict() for layer, opt in self.optimizers.items()},
+                "since_fired": self.since_fired, "history": self.history})
+        torch.save(state, self._state_path(path))
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore the state :meth:`save_checkpoint` wrote."""
-        state = torch.load(path, weights_only=True)
+        """Restore the state :meth:`save_checkpoint` wrote (each process its own file, with as many processes)."""
+        path = Path(path)
+        state = torch.load(self._state_path(path), weights_only=True)
+        if state.get("processes", 1) != self.processes.world:
+            raise ConfigError(f"{path} was written by {state.get('processes', 1)} processes; resume with as many "
+                              f"(this run has {self.processes.world})")
+        shared = state if "saes" in state else torch.load(path, weights_only=True)  # "data": rank 0's file
         for layer, sae in self.working.items():
-            sae.load_state_dict(state["saes"][layer])
-            self.optimizers[layer].load_state_dict(state["optimizers"][layer])
-        self.normalisation = state["normalisation"]
-        self.since_fired = state["since_fired"]
+            sae.load_state_dict(shared["saes"][layer])
+            self.optimizers[layer].load_state_dict(shared["optimizers"][layer])
+        self.normalisation = shared["normalisation"]
+        self.since_fired = shared["since_fired"]
+        self.history = shared["history"]
         self.shuffle.set_state(state["shuffle"])
         count = len(state["buffer"])
         self.buffer.store[:count] = state["buffer"]
         self.buffer.count, self.buffer.pending = count, list(state["pending"])
         self.buffer.position, self.buffer.drawn = state["position"], state["drawn"]
         self.step, self.tokens, self.texts_consumed = state["step"], state["tokens"], state["texts_consumed"]
-        self.history = state["history"]
 
 
 def _replacement(sae: SparseAutoencoder, keep: Tensor, mode: str):

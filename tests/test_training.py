@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -212,3 +213,115 @@ def test_a_failed_run_is_flagged_in_the_log_the_warnings_and_the_metrics():
     with pytest.warns(UserWarning, match="dead_after_tokens=50000 >= total_tokens=10000"):
         TrainConfig(layers=[1], total_tokens=10_000, dead_after_tokens=50_000)
     assert TrainConfig(layers=[1], total_tokens=300_000).dead_window == 30_000
+
+
+@pytest.fixture(scope="module")
+def distributed_runs(tmp_path_factory):
+    """tests/dist_sae_training.py alone and under torchrun with 2 CPU processes (gloo): ``(one, two)`` folders."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).with_name("dist_sae_training.py"))
+    root = tmp_path_factory.mktemp("distributed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    for cmd in ([sys.executable, script, str(root / "one")],
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script,
+                 str(root / "two")]):
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return root / "one", root / "two"
+
+
+def assert_same_saes(got: dict, want: dict, **tolerance) -> None:
+    assert got.keys() == want.keys() and want
+    for layer, tensors in want.items():
+        for name, tensor in tensors.items():
+            torch.testing.assert_close(got[layer][name], tensor, **tolerance)
+
+
+@pytest.mark.slow
+def test_data_parallel_step_equals_one_process_on_the_same_batches(distributed_runs):
+    """fit_activations with parallel="data" on 2 processes (each its half of every batch; the batch's mean and
+    variance, gradients and firing counts summed) equals one process after 32 steps, AuxK and logs included."""
+    one, two = (torch.load(folder / "activations.pt") for folder in distributed_runs)
+    assert one["step"] == two["step"] == 32 and one["tokens"] == two["tokens"] == 32 * 256
+    assert_same_saes(two["weights"], one["weights"], rtol=1e-4, atol=5e-6)
+    assert any(entry["sae/L2/aux"] > 0 for entry in one["history"])  # dead latents were revived: AuxK ran
+    assert len(two["history"]) == len(one["history"])
+    for got, want in zip(two["history"], one["history"]):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_layer_parallel_gives_each_layer_the_one_process_sae(distributed_runs):
+    """fit on text with parallel="layers": rank 0 trains layer 1, rank 1 layer 2, each from its own forward on all
+    texts, and each writes its SAE: the files equal one process's training both layers; rank 0's training.json
+    holds both layers' history."""
+    one, two = (folder / "layers" for folder in distributed_runs)
+    for layer in (1, 2):
+        want, got = (SparseAutoencoder.from_pretrained(folder, layer=layer) for folder in (one, two))
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0)
+    history = json.loads((two / "training.json").read_text())
+    assert history["processes"] == 2 and history["history"] == json.loads((one / "training.json").read_text())[
+        "history"]
+
+
+@pytest.mark.slow
+def test_data_parallel_training_on_text_shards_resumes_and_reads_a_sharded_model(distributed_runs):
+    """fit on text with parallel="data" on 2 processes: each reads its half of every pool of texts (together the
+    corpus in order, cycling), both hold the same SAEs, a run stopped half-way and resumed from its per-process
+    checkpoints equals the uninterrupted one, and with the model sharded by FSDP2 the trainer reads the same full
+    activations (the same SAEs)."""
+    _, two = distributed_runs
+    data = torch.load(two / "data.pt")
+    first, second = data["read"]
+    assert len(first) == len(second) and data["steps"] == (50, 50) and data["tokens"] == 12_800
+    corpus = texts_of_dist_script()
+    pool = 16 * 8  # text_batch_size × TEXT_POOL texts per process
+    interleaved = [text for p in range(0, len(first), pool)
+                   for pair in zip(first[p:p + pool], second[p:p + pool]) for text in pair]
+    assert interleaved == [corpus[i % len(corpus)] for i in range(len(interleaved))]
+    assert_same_saes(data["weights"][1], data["weights"][0], rtol=0, atol=0)
+    assert_same_saes(data["resumed"], data["weights"][0], rtol=0, atol=0)
+    assert_same_saes(torch.load(two / "sharded.pt")["weights"], data["weights"][0], rtol=1e-5, atol=1e-6)
+    assert (two / "data-resumed" / "trainer_state.pt").exists() and (two / "data-resumed" /
+                                                                     "trainer_state.rank1.pt").exists()
+
+
+def texts_of_dist_script() -> list[str]:
+    """The 300 texts tests/dist_sae_training.py trains on (same seed, same words)."""
+    rng = random.Random(0)
+    words = "the cat dog sat ran on a mat big small red blue one two three house tree river stone light dark".split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(300)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["data", "layers"])
+def test_train_sae_command_under_torchrun(tmp_path, parallel):
+    """`qscope train-sae` launched by torchrun on 2 CPU processes: the SAEs of both layers are written once, they
+    load, and training.json records 2 processes (with "data" both processes held the same SAEs; rank 0 wrote)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(texts(200)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    out = tmp_path / "saes"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "qscope_hf.cli", "train-sae", "--model", "tiny", "--layers", "1", "2", "--data",
+                             str(corpus), "--tokens", "2048", "--batch-tokens", "256", "--d-sae", "128",
+                             "--parallel", parallel, "--out", str(out)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    wrote = [line for line in result.stdout.splitlines() if line.startswith("wrote")]
+    assert len(wrote) == (2 if parallel == "layers" else 1)  # one line per process that wrote SAEs
+    record = json.loads((out / "training.json").read_text())
+    assert record["processes"] == 2 and record["tokens"] == 2048 and record["config"]["parallel"] == parallel
+    assert {key for entry in record["history"] for key in entry} >= {"sae/L1/fvu", "sae/L2/fvu"}
+    for layer in (1, 2):
+        assert SparseAutoencoder.from_pretrained(out, layer=layer).d_sae == 128
