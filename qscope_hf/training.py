@@ -28,8 +28,9 @@ forward stops after the last of them), and trains one :class:`SparseAutoencoder`
 - **Batches of texts.** Texts are drawn ``text_batch_size × 8`` at a time, sorted by length and run through the
   model ``text_batch_size`` at a time, so short and long texts are not padded to each other.
 - **State.** ``checkpoint_every`` steps the SAEs, optimizers, dead-latent counters, the activation buffer, the data
-  cursor and the shuffling generator are saved; :meth:`SAETrainer.fit` with ``resume=True`` continues exactly
-  where it stopped (same result as an uninterrupted run).
+  cursor and the shuffling generator are saved; :meth:`SAETrainer.fit` with ``resume=True`` and the same
+  configuration continues exactly where it stopped (same result as an uninterrupted run). The buffer's last fill
+  stops at what ``total_tokens`` still needs, so a longer budget at resume continues, but not bit-identically.
 - **Many processes** (``torchrun`` / ``accelerate launch``; :mod:`qscope_hf.distributed`). ``parallel="data"``:
   each process forwards its share of every pool of texts into its own buffer and trains on ``batch_tokens /
   world`` rows per step; the batch's mean and variance, the gradients, the firing counts and the logged metrics
@@ -282,34 +283,39 @@ class SAETrainer:
 
     def _batches(self, data: datasets.Dataset) -> Iterator[Tensor]:
         """Shuffled ``[batch_rows, layers, d]`` batches, endlessly (the caller stops at its token budget). Each
-        round fills the buffer, shuffles it and hands out half of it; the state lives in ``self.buffer``, so a
-        checkpoint taken between two batches resumes mid-round."""
-        buffer = self.buffer
+        round fills the buffer, shuffles it and hands out half of it; the last round fills only what the budget
+        still needs and hands all of it out, so no forward is wasted on activations that are never trained on. The
+        state lives in ``self.buffer``, so a checkpoint taken between two batches resumes mid-round."""
+        buffer, rows = self.buffer, self.batch_rows
         while True:
             if buffer.position >= buffer.drawn:
                 buffer.compact()
+                needed = -(-max(self.config.total_tokens - self.tokens, 1) // (self.data_processes.world * rows)) * rows
+                target = min(len(buffer.store), needed)  # rows this process still trains on, in whole batches
                 texts_before = self.texts_consumed
-                filling = tqdm(total=len(buffer.store), initial=buffer.count, unit="tok", desc="fill buffer",
+                filling = tqdm(total=target, initial=min(buffer.count, target), unit="tok", desc="fill buffer",
                                leave=False, disable=not self._progress)
-                while self._filling():
+                while self._filling(target):
                     buffer.fill()
-                    if not buffer.full or self.data_processes.world > 1:  # in step with the others' forwards
+                    if buffer.count < target or self.data_processes.world > 1:  # in step with the others' forwards
                         buffer.pending.append(self._activations(self._texts(data)))
-                        filling.update(min(len(buffer.store), buffer.count + len(buffer.pending[-1])) - filling.n)
+                        filling.update(min(target, buffer.count + len(buffer.pending[-1])) - filling.n)
                     if self.texts_consumed - texts_before > 2 * len(data) and buffer.count == 0:
                         raise ConfigError("the training texts yield no tokens (all empty, or filtered out)")
                 filling.close()
                 order = torch.randperm(buffer.count, generator=self.shuffle)
-                buffer.store[:] = buffer.store[order]
-                halves = buffer.count // 2 // self.batch_rows
-                buffer.drawn = max(self.batch_rows, halves * self.batch_rows)
+                buffer.store[:buffer.count] = buffer.store[order]
+                last = needed <= buffer.count
+                handed = needed if last else buffer.count // 2 // rows * rows
+                buffer.drawn = max(rows, handed)
             start = buffer.position
-            buffer.position += self.batch_rows
-            yield buffer.store[start:start + self.batch_rows]
+            buffer.position += rows
+            yield buffer.store[start:start + rows]
 
-    def _filling(self) -> bool:
-        """Whether some process's buffer is not full yet (they all forward until none is)."""
-        return bool(self.data_processes.sum(torch.tensor([int(not self.buffer.full)], device=self.device))[0])
+    def _filling(self, target: int) -> bool:
+        """Whether some process's buffer holds fewer than ``target`` rows (they all forward until none does)."""
+        short = torch.tensor([int(self.buffer.count < target)], device=self.device)
+        return bool(self.data_processes.sum(short)[0])
 
     # -- one step ---------------------------------------------------------------------------------------------
     def _normalise(self, layer: int, x: Tensor) -> Tensor:
@@ -378,10 +384,9 @@ class SAETrainer:
         self._progress = progress and self.processes.main
         bar = tqdm(total=config.total_tokens, initial=self.tokens, unit="tok", desc="train SAEs",
                    disable=not self._progress)
-        for batch in self._batches(dataset):
-            if self.tokens >= config.total_tokens:
-                break
-            self._train_batch(batch, bar)
+        batches = self._batches(dataset)
+        while self.tokens < config.total_tokens:  # checked before drawing: no forward past the budget
+            self._train_batch(next(batches), bar)
             if out is not None and config.checkpoint_every and self.step % config.checkpoint_every == 0:
                 self.save_checkpoint(out / CHECKPOINT)
         bar.close()

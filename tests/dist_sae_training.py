@@ -46,6 +46,15 @@ class Recording(SAETrainer):
         return share
 
 
+class Interrupted(SAETrainer):
+    """Stops (as a crash or Ctrl-C would) after 25 steps, once the checkpoint of step 25 is written."""
+
+    def _train_batch(self, batch, bar):
+        if self.step == 25:
+            raise KeyboardInterrupt
+        super()._train_batch(batch, bar)
+
+
 # fit_activations with parallel="data": every process passes the same activations and takes its rows of each batch
 generator = torch.Generator().manual_seed(0)
 directions = torch.randn(40, 64, generator=generator)
@@ -66,8 +75,11 @@ if processes.world > 1:
     # fit on text with parallel="data": uninterrupted, then stopped half-way and resumed
     full = Recording(tiny_model("qwen3"), tokenizer, config())
     full.fit(texts, out / "data-full", progress=False)
-    first = SAETrainer(tiny_model("qwen3"), tokenizer, config(total_tokens=6_400, checkpoint_every=25))
-    first.fit(texts, out / "data-resumed", progress=False)
+    first = Interrupted(tiny_model("qwen3"), tokenizer, config(checkpoint_every=25))
+    try:
+        first.fit(texts, out / "data-resumed", progress=False)
+    except KeyboardInterrupt:
+        pass
     second = SAETrainer(tiny_model("qwen3"), tokenizer, config(checkpoint_every=25))
     second.fit(texts, out / "data-resumed", resume=True, progress=False)
     result = {"read": processes.gather(full.read), "weights": processes.gather(weights(full)),

@@ -91,13 +91,24 @@ def test_auxk_revives_dead_latents():
     assert revived[1 / 32] > 0.3
 
 
+class Interrupted(SAETrainer):
+    """Stops (as a crash or Ctrl-C would) after 25 steps, once the checkpoint of step 25 is written."""
+
+    def _train_batch(self, batch, bar):
+        if self.step == 25:
+            raise KeyboardInterrupt
+        super()._train_batch(batch, bar)
+
+
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     model, tokenizer = tiny_model("qwen3"), tiny_tokenizer()
     data = texts(300)
     full = SAETrainer(model, tokenizer, config(total_tokens=12_800, dead_after_tokens=2_000))
     full.fit(data, progress=False)
-    first = SAETrainer(model, tokenizer, config(total_tokens=6_400, checkpoint_every=25, dead_after_tokens=2_000))
-    first.fit(data, tmp_path, progress=False)
+    first = Interrupted(model, tokenizer, config(total_tokens=12_800, checkpoint_every=25, dead_after_tokens=2_000))
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(data, tmp_path, progress=False)
+    assert first.step == 25
     second = SAETrainer(model, tokenizer, config(total_tokens=12_800, checkpoint_every=25, dead_after_tokens=2_000))
     second.fit(data, tmp_path, resume=True, progress=False)
     assert second.step == full.step == 50
