@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -71,26 +72,25 @@ def run_qscope(tokens: int) -> dict:
 
         seconds = {"texts: tokenise, sort, forward": 0.0, "forward (padded batch, filter)": 0.0, "SAE steps": 0.0}
 
-        def _activations(self, batch):
+        @contextmanager
+        def timed(self, stage: str):
             start = time.perf_counter()
             try:
-                return super()._activations(batch)
+                yield
             finally:
-                self.seconds["texts: tokenise, sort, forward"] += time.perf_counter() - start
+                self.seconds[stage] += time.perf_counter() - start
+
+        def _activations(self, batch):
+            with self.timed("texts: tokenise, sort, forward"):
+                return super()._activations(batch)
 
         def _forward_activations(self, batch):
-            start = time.perf_counter()
-            try:
+            with self.timed("forward (padded batch, filter)"):
                 return super()._forward_activations(batch)
-            finally:
-                self.seconds["forward (padded batch, filter)"] += time.perf_counter() - start
 
         def _step(self, layer, x):
-            start = time.perf_counter()
-            try:
+            with self.timed("SAE steps"):
                 return super()._step(layer, x)
-            finally:
-                self.seconds["SAE steps"] += time.perf_counter() - start
 
     model, tokenizer = load_model()
     train, held = texts()
