@@ -44,16 +44,10 @@ def texts() -> tuple[list[str], list[str]]:
 @torch.no_grad()
 def held_out_activations(model, tokenizer, held: list[str]) -> torch.Tensor:
     """``[n, d]`` layer-15 activations of the held-out texts' real tokens, each text's first left out."""
-    from qscope_hf.corpus import without_first_token
-    from qscope_hf.hooks import layer_outputs
+    from qscope_hf.corpus import layer_batches
 
-    chunks = []
-    for start in range(0, len(held), 16):
-        inputs = tokenizer(held[start:start + 16], return_tensors="pt", padding=True, truncation=True,
-                           max_length=CONTEXT)
-        hidden = layer_outputs(model, [LAYER], **inputs)[LAYER]
-        chunks.append(hidden[without_first_token(inputs["attention_mask"].bool())])
-    return torch.cat(chunks)
+    return torch.cat([batch.hidden[LAYER][batch.counted(skip_first=True)] for batch in layer_batches(
+        model, tokenizer, [LAYER], held, batch_size=16, max_length=CONTEXT, progress=False)])
 
 
 def fvu(reconstruct, x: torch.Tensor) -> float:

@@ -411,7 +411,7 @@ class SAETrainer:
             order = torch.randperm(len(activations), generator=self.shuffle)
             for start in range(0, len(activations) - batch + 1, batch):
                 rows = order[start + share:start + share + self.batch_rows]
-                self._train_batch(activations[rows][:, self._columns].to(self.dtype), bar)
+                self._train_batch(activations[rows[:, None], self._columns].to(self.dtype), bar)  # one gather
         bar.close()
         self._check_health()
         return self.saes

@@ -8,28 +8,21 @@ process's SAEs) and ``sharded.pt`` (the same run with the model sharded by FSDP2
 """
 
 import os
-import random
 import sys
 from pathlib import Path
 
 import torch
+from test_training import Interrupted, config, texts  # this script's folder is on sys.path
 
 from qscope_hf.distributed import Processes
 from qscope_hf.tiny import tiny_model, tiny_tokenizer
-from qscope_hf.training import SAETrainer, TrainConfig
+from qscope_hf.training import SAETrainer
 
 out = Path(sys.argv[1])
 processes = Processes.current()
 tokenizer = tiny_tokenizer()
-rng = random.Random(0)
-words = "the cat dog sat ran on a mat big small red blue one two three house tree river stone light dark".split()
-texts = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(300)]
-
-
-def config(**overrides) -> TrainConfig:
-    base = dict(layers=[1, 2], d_sae=256, k=8, batch_tokens=256, total_tokens=12_800, buffer_tokens=2048,
-                text_batch_size=16, context_length=64, log_every=10, seed=0, dead_after_tokens=2_000, lr=3e-3)
-    return TrainConfig(**{**base, **overrides})
+corpus = texts(300)
+short = dict(total_tokens=12_800, dead_after_tokens=2_000)  # 50 steps
 
 
 def weights(trainer: SAETrainer) -> dict[int, dict[str, torch.Tensor]]:
@@ -46,21 +39,12 @@ class Recording(SAETrainer):
         return share
 
 
-class Interrupted(SAETrainer):
-    """Stops (as a crash or Ctrl-C would) after 25 steps, once the checkpoint of step 25 is written."""
-
-    def _train_batch(self, batch, bar):
-        if self.step == 25:
-            raise KeyboardInterrupt
-        super()._train_batch(batch, bar)
-
-
 # fit_activations with parallel="data": every process passes the same activations and takes its rows of each batch
 generator = torch.Generator().manual_seed(0)
 directions = torch.randn(40, 64, generator=generator)
 codes = torch.rand(4096, 2, 40, generator=generator) * (torch.rand(4096, 2, 40, generator=generator) < 0.1)
 activations = codes @ directions + 3.0 + 0.05 * torch.randn(4096, 2, 64, generator=generator)
-trainer = SAETrainer(tiny_model("qwen3"), tokenizer, config())
+trainer = SAETrainer(tiny_model("qwen3"), tokenizer, config(**short))
 trainer.fit_activations(activations, epochs=2, progress=False)
 if processes.main:
     out.mkdir(parents=True, exist_ok=True)
@@ -68,20 +52,20 @@ if processes.main:
                 "tokens": trainer.tokens}, out / "activations.pt")
 
 # fit on text with parallel="layers": each process trains its layers, and writes them
-trainer = SAETrainer(tiny_model("qwen3"), tokenizer, config(parallel="layers"))
-trainer.fit(texts, out / "layers", progress=False)
+trainer = SAETrainer(tiny_model("qwen3"), tokenizer, config(**short, parallel="layers"))
+trainer.fit(corpus, out / "layers", progress=False)
 
 if processes.world > 1:
     # fit on text with parallel="data": uninterrupted, then stopped half-way and resumed
-    full = Recording(tiny_model("qwen3"), tokenizer, config())
-    full.fit(texts, out / "data-full", progress=False)
-    first = Interrupted(tiny_model("qwen3"), tokenizer, config(checkpoint_every=25))
+    full = Recording(tiny_model("qwen3"), tokenizer, config(**short))
+    full.fit(corpus, out / "data-full", progress=False)
+    first = Interrupted(tiny_model("qwen3"), tokenizer, config(**short, checkpoint_every=25))
     try:
-        first.fit(texts, out / "data-resumed", progress=False)
+        first.fit(corpus, out / "data-resumed", progress=False)
     except KeyboardInterrupt:
         pass
-    second = SAETrainer(tiny_model("qwen3"), tokenizer, config(checkpoint_every=25))
-    second.fit(texts, out / "data-resumed", resume=True, progress=False)
+    second = SAETrainer(tiny_model("qwen3"), tokenizer, config(**short, checkpoint_every=25))
+    second.fit(corpus, out / "data-resumed", resume=True, progress=False)
     result = {"read": processes.gather(full.read), "weights": processes.gather(weights(full)),
               "resumed": weights(second), "steps": (full.step, second.step), "tokens": full.tokens}
 
@@ -96,8 +80,8 @@ if processes.world > 1:
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    sharded = SAETrainer(model, tokenizer, config())
-    sharded.fit(texts, progress=False)
+    sharded = SAETrainer(model, tokenizer, config(**short))
+    sharded.fit(corpus, progress=False)
     sharded_weights = weights(sharded)
     if processes.main:
         torch.save(result, out / "data.pt")

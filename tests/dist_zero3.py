@@ -10,11 +10,13 @@ it measured to ``OUT/result.json``, one entry per part.
 import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from test_trl import GRPO_PROMPTS, SFT_DATA  # this script's folder is on sys.path
 
 from qscope_hf.tiny import tiny_model, tiny_sae, tiny_tokenizer
 
@@ -46,9 +48,11 @@ def full_parameters(model: torch.nn.Module, keep) -> dict[str, list]:
     if world > 1:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters([p for _, p in chosen]):
-            return {name: p.detach().clone().tolist() for name, p in chosen}
-    return {name: p.detach().clone().tolist() for name, p in chosen}
+        gathered = deepspeed.zero.GatheredParameters([p for _, p in chosen])
+    else:
+        gathered = nullcontext()
+    with gathered:
+        return {name: p.detach().clone().tolist() for name, p in chosen}
 
 
 def sft(peft: bool) -> dict:
@@ -56,9 +60,7 @@ def sft(peft: bool) -> dict:
 
     from qscope_trl import SAEFeatureMonitorCallback, SAEFeaturePenalty, add_sae_penalty
 
-    data = Dataset.from_dict({"prompt": ["Say hi: ", "Count: ", "Name a colour: ", "Greet: "],
-                              "completion": ["hello there", "one two three", "blue", "good morning"],
-                              "language": ["en", "en", "zh", "en"]})
+    data = Dataset.from_dict(SFT_DATA)
     args = SFTConfig(per_device_train_batch_size=4 // world, learning_rate=0.5, **common)
     sae = tiny_sae(64, 256, 8, layer=1, seed=5)
     monitor = SAEFeatureMonitorCallback(sae, [3, 9, 100], log_every=1)
@@ -101,7 +103,7 @@ def grpo() -> dict:
                       learning_rate=0.1, generation_kwargs={"do_sample": False}, **common)
     trainer = GRPOTrainer(model=model, args=args, processing_class=tokenizer,
                           reward_funcs=[sae_reward, task_reward],
-                          train_dataset=Dataset.from_dict({"prompt": ["Hello", "The cat", "One two", "Red blue"]}),
+                          train_dataset=Dataset.from_dict({"prompt": GRPO_PROMPTS}),
                           rollout_func=SteeredNegativeRollouts(Steering(sae, 9, 60.0)))
     keep = lambda name: "layers.1.mlp" in name  # noqa: E731
     before = full_parameters(trainer.model, keep)

@@ -290,7 +290,7 @@ def test_data_parallel_training_on_text_shards_resumes_and_reads_a_sharded_model
     data = torch.load(two / "data.pt")
     first, second = data["read"]
     assert len(first) == len(second) and data["steps"] == (50, 50) and data["tokens"] == 12_800
-    corpus = texts_of_dist_script()
+    corpus = texts(300)  # what tests/dist_sae_training.py trains on
     pool = 16 * 8  # text_batch_size × TEXT_POOL texts per process
     interleaved = [text for p in range(0, len(first), pool)
                    for pair in zip(first[p:p + pool], second[p:p + pool]) for text in pair]
@@ -300,13 +300,6 @@ def test_data_parallel_training_on_text_shards_resumes_and_reads_a_sharded_model
     assert_same_saes(torch.load(two / "sharded.pt")["weights"], data["weights"][0], rtol=1e-5, atol=1e-6)
     assert (two / "data-resumed" / "trainer_state.pt").exists() and (two / "data-resumed" /
                                                                      "trainer_state.rank1.pt").exists()
-
-
-def texts_of_dist_script() -> list[str]:
-    """The 300 texts tests/dist_sae_training.py trains on (same seed, same words)."""
-    rng = random.Random(0)
-    words = "the cat dog sat ran on a mat big small red blue one two three house tree river stone light dark".split()
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(300)]
 
 
 @pytest.mark.slow
