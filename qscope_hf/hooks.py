@@ -39,8 +39,8 @@ from .errors import ConfigError, LayerError, UnsupportedError
 LayerEdit = Callable[[Tensor], Tensor | None]
 
 #: Where decoder layers live in architectures without ``get_decoder()``, tried in order.
-_LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
-                "model.decoder.layers", "layers")
+_LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers", "transformer.h",
+                "gpt_neox.layers", "model.decoder.layers", "layers")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

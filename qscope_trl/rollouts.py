@@ -5,14 +5,23 @@ group of ``num_generations`` completions in one ``generate`` call where the firs
 steered (per-row steering of :class:`qscope_hf.SAELogitsProcessor`) and the others are not. The task reward is
 unchanged: the steered (e.g. repetitive) rollout earns a low reward and so a negative advantage.
 
-Log-probabilities: the rollout returns none (``logprobs=None``), so the loss uses the log-probabilities that
-``GRPOTrainer`` computes with the *unsteered* policy on all tokens, steered ones included; the steering hooks exist
-only inside the ``generate`` call. A boolean ``steered`` column reaches the reward functions as a keyword argument.
+Log-probabilities, on the transformers path (``use_vllm=False``): the rollout returns none (``logprobs=None``), so the
+loss uses the log-probabilities that ``GRPOTrainer`` computes with the *unsteered* policy on all tokens, steered ones
+included; the steering hooks exist only inside the ``generate`` call. A boolean ``steered`` column reaches the reward
+functions as a keyword argument.
+
+With ``use_vllm=True`` (``vllm_mode="colocate"``; server mode is refused: its engine is in another process) the
+unsteered rollouts come from the trainer's vLLM engine with their sampling log-probabilities, which TRL's
+importance-sampling correction compares with the trainer's own (the vLLM/trainer mismatch it exists for). The
+steered rollouts come from that engine under :func:`qscope_hf.vllm.steered` when it runs eagerly (an ``LLM`` created
+with ``enforce_eager=True``), else from transformers' ``generate`` on the trainer's model, as without vLLM (TRL's
+own colocate engine is compiled). Their log-probabilities are returned as ``None``, which TRL reads as "no
+correction" (ratio 1): a steered rollout is deliberately not a sample of the policy, and weighting it by
+``π_θ / π_steered`` would shrink exactly the tokens the steering made likely (the ones it is meant to penalise)
+towards zero weight, so it is trained as on the transformers path.
 
 ``GRPOTrainer`` passes the rollout function each process's prompts with every prompt repeated ``num_generations``
-times in a row (checked here); it runs on the transformers generation path. With ``use_vllm=True`` it refuses with
-a clear error: vLLM's engine does not run qscope's hooks, and TRL's importance-sampling correction for vLLM rollouts
-needs sampling log-probabilities that a transformers rollout does not provide.
+times in a row (checked here).
 """
 
 from __future__ import annotations
@@ -70,14 +79,11 @@ class SteeredNegativeRollouts:
 
     @staticmethod
     def _check_backend(trainer: Any) -> None:
-        if getattr(trainer, "use_vllm", False):
+        if getattr(trainer, "use_vllm", False) and getattr(trainer, "vllm_mode", "colocate") != "colocate":
             raise ConfigError(
-                "SteeredNegativeRollouts steers transformers' generate on the trainer's own model (that is where "
-                "qscope's hooks run); with use_vllm=True TRL expects rollouts from vLLM, whose engine these hooks do "
-                "not reach, and their sampling log-probabilities for its importance-sampling correction. Use "
-                "use_vllm=False (server and colocate vLLM modes are not supported). Steering inside vLLM needs a "
-                "steering-capable engine such as the EasySteer fork, which reads the control-vector files that "
-                "qscope_hf.export.export_control_vector writes (add mode, every position, one spec for all rows)")
+                f"SteeredNegativeRollouts with use_vllm=True needs vllm_mode='colocate': in {trainer.vllm_mode!r} "
+                f"mode the engine runs in another process, where qscope cannot steer it (and its steered rows could "
+                f"not come from the trainer's model either). Use vllm_mode='colocate' or use_vllm=False")
 
     def steered_rows(self, n_rows: int, group: int) -> list[bool]:
         """Which rows of a batch of ``n_rows`` (groups of ``group`` consecutive rows) are steered."""
@@ -100,11 +106,22 @@ class SteeredNegativeRollouts:
         tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)  # processors wrap one
         prompt_ids = tokenize_prompts(tokenizer, prompts)
         flags = self.steered_rows(len(prompts), group)
+        if getattr(trainer, "use_vllm", False):
+            completion_ids, logprobs = self._vllm_rollouts(trainer, prompt_ids, flags, group)
+        else:
+            rows = [self.steerings if on else None for on in flags]
+            completion_ids, logprobs = self._transformers_rollouts(trainer, prompt_ids, rows), None
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs, "steered": flags}
+
+    @staticmethod
+    def _transformers_rollouts(trainer: Any, prompt_ids: list[list[int]], rows: list[Any]) -> list[list[int]]:
+        """Completions of ``prompt_ids`` from the trainer's model, row ``i`` steered with ``rows[i]`` (or not)."""
+        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
         device = trainer.accelerator.device
         length = max(len(ids) for ids in prompt_ids)
         input_ids, attention_mask = pad_token_ids(prompt_ids, tokenizer.pad_token_id, side="left")
         with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model, torch.no_grad():
-            processor = SAELogitsProcessor(model, rows=[self.steerings if on else None for on in flags])
+            processor = SAELogitsProcessor(model, rows=rows)
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                     generation_config=trainer.generation_config, logits_processor=[processor])
         completion_ids = []
@@ -112,4 +129,37 @@ class SteeredNegativeRollouts:
         for row in output[:, length:].tolist():
             end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
             completion_ids.append(row[:end])
-        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None, "steered": flags}
+        return completion_ids
+
+    def _vllm_rollouts(self, trainer: Any, prompt_ids: list[list[int]], flags: list[bool],
+                       group: int) -> tuple[list[list[int]], list[list[float | None]]]:
+        """Completions and sampling log-probabilities: unsteered rows from the trainer's vLLM engine; steered rows
+        from that engine under qscope's hooks when it runs eagerly, else from the trainer's model. Steered rows get
+        ``None`` log-probabilities, which TRL reads as "no importance-sampling correction" (ratio 1)."""
+        from qscope_hf.errors import UnsupportedError
+        from qscope_hf.vllm import check_engine, steered
+
+        generation = trainer.vllm_generation
+        completions: list[list[int]] = [[] for _ in flags]
+        logprobs: list[list[float | None]] = [[] for _ in flags]
+        plain = [i for i, on in enumerate(flags) if not on]
+        chosen = [i for i, on in enumerate(flags) if on]
+        if plain:
+            _, ids, top, _ = generation.generate([prompt_ids[i] for i in plain], None, group)
+            for i, row, row_logprobs in zip(plain, ids, top, strict=True):
+                completions[i], logprobs[i] = list(row), [token[0] for token in row_logprobs]
+        if chosen:
+            try:
+                check_engine(generation.llm)
+                inside = True
+            except UnsupportedError:
+                inside = False
+            if inside:
+                with steered(generation.llm, self.steerings):
+                    _, ids, _, _ = generation.generate([prompt_ids[i] for i in chosen], None, group)
+            else:
+                ids = self._transformers_rollouts(trainer, [prompt_ids[i] for i in chosen],
+                                                  [self.steerings] * len(chosen))
+            for i, row in zip(chosen, ids, strict=True):
+                completions[i], logprobs[i] = list(row), [None] * len(row)
+        return completions, logprobs

@@ -544,14 +544,15 @@ def test_penalty_as_a_trainer_subclass_logs_tags_and_checkpoints(tmp_path, sae):
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
 
 
-def test_steered_rollouts_refuse_vllm_generation(tmp_path, sae):
-    """With use_vllm=True the rollouts would come from vLLM, which qscope's hooks do not reach: refuse clearly."""
+def test_steered_rollouts_refuse_vllm_server_mode(tmp_path, sae):
+    """vLLM's server mode runs the engine in another process, which qscope's hooks do not reach: refuse clearly
+    (colocate mode is tested against real vLLM engines in tests/vllm_engine.py)."""
     trainer = grpo_trainer(tmp_path, [lambda completion_ids, **kwargs: [0.0] * len(completion_ids)])
-    trainer.use_vllm = True  # what GRPOTrainer(args=GRPOConfig(use_vllm=True)) sets (vLLM itself is not installed)
+    trainer.use_vllm, trainer.vllm_mode = True, "server"  # what GRPOConfig(use_vllm=True) sets (no vLLM here)
     rollouts = SteeredNegativeRollouts(Steering(sae, 9, 8.0))
-    with pytest.raises(ConfigError, match="use_vllm=True .* Use use_vllm=False"):
+    with pytest.raises(ConfigError, match="needs vllm_mode='colocate': in 'server' mode the engine runs in another"):
         rollouts.attach(trainer)
-    with pytest.raises(ConfigError, match="EasySteer"):
+    with pytest.raises(ConfigError, match="vllm_mode='colocate'"):
         rollouts(["Hello"] * 4, trainer)
 
 

@@ -148,19 +148,8 @@ class _LayerSteerer:
         return residual_spread(hidden, real).to(hidden.dtype)[:, None, None]
 
     def _apply(self, spec: Steering, hidden: Tensor, mask: Tensor | None) -> Tensor:
-        t = spec.tensors(hidden.dtype, hidden.device)
-        unit = self.units if spec.relative else None
-        mask = None if mask is None else mask[..., None]  # [B', t, 1]
-        if spec.mode == "clamp":
-            current = spec.reader.acts(hidden)  # [B', t, S]
-            target = t["strengths"] if unit is None else t["strengths"] * unit
-            delta = (target - current) @ t["directions"]
-        else:
-            delta = t["vector"] if unit is None else t["vector"] * unit
-        if spec.mode == "gated":  # one gate feature: [B', t, 1]; ReLU(pre) > threshold ≥ 0 is pre > threshold
-            gate = spec.reader.pre_acts(hidden) > spec.threshold
-            mask = gate if mask is None else mask & gate
-        return hidden + delta if mask is None else torch.addcmul(hidden, mask.to(hidden.dtype), delta)
+        return hidden + spec.delta(hidden, mask=None if mask is None else mask[..., None],
+                                   unit=self.units if spec.relative else None)
 
     def __call__(self, hidden: Tensor) -> Tensor:
         if self.stateless:

@@ -158,6 +158,22 @@ class Steering:
                                        "strengths": self.strengths.to(device, dtype)}
         return self._prepared[key]
 
+    def delta(self, hidden: Tensor, *, mask: Tensor | None = None, unit: Tensor | None = None) -> Tensor:
+        """What the spec adds to the residuals ``hidden [..., d]``: ``[..., d]``, or ``[d]`` when it is the same
+        everywhere (``add`` without a mask). ``mask [..., 1]`` (bool) limits it to some positions, ``unit [..., 1]``
+        is the residual spread ``relative=True`` strengths are multiplied by; ``clamp`` and ``gated`` read the
+        features' activations from ``hidden``."""
+        t = self.tensors(hidden.dtype, hidden.device)
+        if self.mode == "clamp":
+            target = t["strengths"] if unit is None else t["strengths"] * unit
+            delta = (target - self.reader.acts(hidden)) @ t["directions"]
+        else:
+            delta = t["vector"] if unit is None else t["vector"] * unit
+        if self.mode == "gated":  # one gate feature: [..., 1]; ReLU(pre) > threshold >= 0 is pre > threshold
+            gate = self.reader.pre_acts(hidden) > self.threshold
+            mask = gate if mask is None else mask & gate
+        return delta if mask is None else mask.to(hidden.dtype) * delta
+
     @property
     def reader(self) -> FeatureReader:
         """Reads what ``mode="clamp"`` (the steered features) and ``mode="gated"`` (the gate feature) compare."""
