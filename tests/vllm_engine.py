@@ -14,7 +14,7 @@ os.environ.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig  # noqa: E402
+from transformers import GenerationConfig  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 
 from qscope_hf import vllm as qv  # noqa: E402
@@ -164,19 +164,35 @@ def compiled(tiny_qwen3):
     return engine(tiny_qwen3[0], max_num_seqs=8)
 
 
-def test_qwen3_decoder_layers_steered_like_transformers(tiny_qwen3):
-    directory, model = tiny_qwen3
+@pytest.fixture(scope="session")
+def tiny_eager(tiny_qwen3):
+    """Eager, and at most 64 tokens per forward: a longer prompt is prefilled in parts (chunked prefill)."""
+    return engine(tiny_qwen3[0], enforce_eager=True, max_num_seqs=8, max_num_batched_tokens=64)
+
+
+def test_qwen3_decoder_layers_steered_like_transformers(tiny_qwen3, tiny_eager):
+    model, llm = tiny_qwen3[1], tiny_eager
     spec = [Steering(tiny_sae(128, layer=1), [3, 5], 6.0), Steering(tiny_sae(128, layer=2), 7, 2.0, mode="clamp")]
     ids = [[72, 101, 108, 108, 111], [87, 111, 114, 108, 100, 33, 32]]
     reference = []
     for row in ids:
         out = model.generate(input_ids=torch.tensor([row]), max_new_tokens=NEW, do_sample=False, steering=spec)
         reference.append(out[0, len(row):].tolist())
-    llm = engine(directory, enforce_eager=True, max_num_seqs=8)
     prompts = [{"prompt_token_ids": row} for row in ids]
     unsteered = tokens(llm.generate(prompts, GREEDY, use_tqdm=False))
     assert unsteered != reference
     assert tokens(qv.generate(llm, prompts, GREEDY, steering=spec)) == reference
+
+
+def test_prompt_prefilled_in_parts_refuses_relative_strengths_and_leaves_the_engine_clean(tiny_eager):
+    spec = Steering.from_vector(torch.ones(128), 1, 0.5, relative=True)
+    long, short = "x" * 100, "hello there"
+    before = tokens(tiny_eager.generate([short, long], GREEDY, use_tqdm=False))
+    with pytest.raises(UnsupportedError, match="computed it in parts .* max_num_batched_tokens"):
+        qv.generate(tiny_eager, [long], GREEDY, steering=spec)
+    assert tokens(tiny_eager.generate([short, long], GREEDY, use_tqdm=False)) == before  # nothing left behind
+    steered = tokens(qv.generate(tiny_eager, [short], GREEDY, steering=spec))  # a prompt in one forward: steered
+    assert steered != before[:1]
 
 
 def test_compiled_engine_is_refused_and_caught_if_it_slips_through(compiled, monkeypatch):

@@ -10,7 +10,9 @@ changes them, this module is what to adapt:
   to none); a compiled graph or a CUDA-graph replay never calls a decoder layer's forward hooks;
 - the packed batch: the model's ``positions=`` argument, and the runner's ``input_batch.req_ids`` /
   ``query_start_loc`` (request ``i``'s scheduled tokens are ``query_start_loc[i]:query_start_loc[i + 1]``) and
-  ``requests[req_id]`` (its ``num_prompt_tokens`` and ``sampling_params.extra_args``).
+  ``requests[req_id]`` (its ``num_prompt_tokens`` and ``sampling_params.extra_args``);
+- cleaning up after a failed call: ``llm_engine.output_processor.request_states`` (the unfinished requests) and
+  ``llm_engine.abort_request``.
 """
 
 from __future__ import annotations
@@ -88,6 +90,14 @@ class Engine:
     def prefix_caching(self) -> bool:
         """Whether the engine reuses the KV cache of earlier requests' prompts."""
         return bool(self.config.cache_config.enable_prefix_caching)
+
+    def abort_unfinished(self) -> None:
+        """Abort the requests a ``generate`` call left in the engine when it raised (vLLM keeps them otherwise, and
+        the next call would run them too)."""
+        engine = self.llm.llm_engine
+        unfinished = list(engine.output_processor.request_states)
+        if unfinished:
+            engine.abort_request(unfinished, internal=True)
 
     def reset_prefix_cache(self) -> None:
         """Drop every cached prompt block (they were computed with other steering), or refuse while requests run."""

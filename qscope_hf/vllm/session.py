@@ -106,14 +106,16 @@ class EngineSteering:
         else:
             raise UnsupportedError(f"vLLM's {type(module).__name__} returns {type(output).__name__}: qscope steers "
                                    f"decoder layers that return hidden_states or (hidden_states, residual)")
+        entries = self.entries[layer]
         stream = None  # the residual stream, hidden + residual, built only for edits that read it
-        for entry in self.entries[layer]:
+        if any(entry.needs_residuals for entry in entries):
+            stream = hidden if residual is None else hidden + residual
+        unsteered = stream  # relative units are measured before any edit at this layer, as for transformers
+        for entry in entries:
             mask = self._mask(entry)
             if mask is _NOWHERE:
                 continue
-            if entry.needs_residuals and stream is None:
-                stream = hidden if residual is None else hidden + residual
-            unit = self._unit(layer, entry, stream) if entry.spec.relative else None
+            unit = self._unit(layer, entry, unsteered) if entry.spec.relative else None
             delta = entry.spec.delta(hidden if stream is None else stream, mask=mask, unit=unit)
             hidden = hidden + delta
             if stream is not None:
@@ -194,6 +196,8 @@ class EngineSteering:
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         stack, self._stack = self._stack, None
+        if exc_type is not None:  # a generate call that raised inside the block leaves its requests in the engine
+            self.engine.abort_unfinished()
         if stack is not None:
             stack.close()
         if exc_type is None:
