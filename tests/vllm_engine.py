@@ -130,6 +130,16 @@ def test_prefix_cache_never_mixes_steered_and_unsteered_prompts(llm, smollm2, sa
     assert tokens(llm.generate([prompt], GREEDY, use_tqdm=False)) == unsteered == [hf_greedy(smollm2, prompt, None)]
 
 
+def test_samples_of_one_prompt_share_its_relative_unit(llm, smollm2, sae, firing):
+    """n=2 samples of a prompt longer than a cache block: the second may reuse the first one's prompt blocks, and
+    takes the unit measured on the whole prompt."""
+    prompt = "Here is a long story about a lighthouse keeper. " * 20 + "The keeper said"
+    spec = specs(sae, firing)["relative"]
+    params = SamplingParams(n=2, max_tokens=NEW, temperature=1.0, top_k=1)  # greedy (vLLM refuses n > 1 at 0)
+    [output] = qv.generate(llm, [prompt], params, steering=spec)
+    assert [list(sample.token_ids) for sample in output.outputs] == [hf_greedy(smollm2, prompt, spec)] * 2
+
+
 def test_refusals_name_the_problem(llm, sae, firing):
     with pytest.raises(UnsupportedError, match="explicit positions"):
         qv.generate(llm, PROMPTS, GREEDY, steering=Steering(sae, firing[0], 5.0, positions=[0, 1]))

@@ -67,7 +67,8 @@ class EngineSteering:
                     f"{'relative=True' if entry.spec.relative else repr(entry.spec.positions) + ' positions'} with "
                     f"vLLM's prefix cache on: a request may reuse prompt blocks computed for another one, steered "
                     f"elsewhere or measured on another prompt. Use qscope_hf.vllm.generate (which keeps each "
-                    f"request's cache apart), or create the LLM with enable_prefix_caching=False")
+                    f"request's cache apart), create the LLM with enable_prefix_caching=False, or (for relative "
+                    f"strengths) convert the spec to absolute ones with Steering.absolute")
         self.entries: dict[int, list[_Entry]] = {}
         for entry in entries:
             self.entries.setdefault(entry.spec.layer, []).append(entry)
@@ -147,13 +148,14 @@ class EngineSteering:
         """``[N, 1]``: the residual spread of each steered token's prompt at ``layer``, measured on the prompt at
         its prefill (all of it in one forward) and kept for the tokens generated after it."""
         batch = self._batch
+        keys = {index: (layer, batch.steering[index] or batch.requests[index])
+                for index, steered in enumerate(self._applies(entry)) if steered}
+        # whole prompts first: a sample of the same prompt may reuse this forward's first blocks (n > 1)
+        for index in sorted(keys, key=lambda index: int(batch.positions[batch.tokens(index).start]) != 0):
+            if keys[index] not in self.units:
+                self.units[keys[index]] = self._measure(index, stream)
         units = torch.zeros(len(batch.requests) + 1, dtype=stream.dtype, device=stream.device)
-        for index, steered in enumerate(self._applies(entry)):
-            if not steered:
-                continue
-            key = (layer, batch.steering[index] or batch.requests[index])
-            if key not in self.units:
-                self.units[key] = self._measure(index, stream)
+        for index, key in keys.items():
             units[index] = self.units[key]
         return units[batch.request][:, None]
 
