@@ -32,6 +32,35 @@ def engine(directory, **kwargs) -> LLM:
     return LLM(model=str(directory), dtype="float32", max_model_len=512, **kwargs)
 
 
+def tiny_checkpoint(factory, family: str):
+    """A tiny model of ``family`` on disk and in transformers (vLLM's CPU attention needs head_dim >= 32: d=128)."""
+    directory = factory.mktemp(f"tiny-{family}")
+    model = tiny_model(family, hidden_size=128)
+    model.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory, enable_steering(model)
+
+
+def check_tiny_family(model, llm) -> None:
+    """Two specs (add, clamp) at two layers: vLLM's greedy tokens equal transformers' on the same tiny model."""
+    spec = [Steering(tiny_sae(128, layer=1), [3, 5], 6.0), Steering(tiny_sae(128, layer=2), 7, 2.0, mode="clamp")]
+    ids = [[72, 101, 108, 108, 111], [87, 111, 114, 108, 100, 33, 32]]
+    reference = []
+    for row in ids:
+        out = model.generate(input_ids=torch.tensor([row]), max_new_tokens=NEW, do_sample=False, steering=spec)
+        reference.append(out[0, len(row):].tolist())
+    prompts = [{"prompt_token_ids": row} for row in ids]
+    unsteered = tokens(llm.generate(prompts, GREEDY, use_tqdm=False))
+    assert unsteered != reference
+    assert tokens(qv.generate(llm, prompts, GREEDY, steering=spec)) == reference
+
+
+def test_qwen3_moe_decoder_layers_steered_like_transformers(tmp_path_factory):
+    """First in this file: vLLM creates its expert-parallel group only when the process's first engine is an MoE."""
+    directory, model = tiny_checkpoint(tmp_path_factory, "qwen3_moe")
+    check_tiny_family(model, engine(directory, enforce_eager=True, max_num_seqs=8))
+
+
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
     """SmolLM2-135M-Instruct as an HF folder (vLLM 0.32 does not read GGUF), its transformers model and tokenizer."""
@@ -161,11 +190,7 @@ def test_refusals_name_the_problem(llm, sae, firing):
 
 @pytest.fixture(scope="session")
 def tiny_qwen3(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-qwen3")
-    model = tiny_model("qwen3", hidden_size=128)
-    model.save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
-    return directory, enable_steering(model)
+    return tiny_checkpoint(tmp_path_factory, "qwen3")
 
 
 @pytest.fixture(scope="session")
@@ -181,17 +206,7 @@ def tiny_eager(tiny_qwen3):
 
 
 def test_qwen3_decoder_layers_steered_like_transformers(tiny_qwen3, tiny_eager):
-    model, llm = tiny_qwen3[1], tiny_eager
-    spec = [Steering(tiny_sae(128, layer=1), [3, 5], 6.0), Steering(tiny_sae(128, layer=2), 7, 2.0, mode="clamp")]
-    ids = [[72, 101, 108, 108, 111], [87, 111, 114, 108, 100, 33, 32]]
-    reference = []
-    for row in ids:
-        out = model.generate(input_ids=torch.tensor([row]), max_new_tokens=NEW, do_sample=False, steering=spec)
-        reference.append(out[0, len(row):].tolist())
-    prompts = [{"prompt_token_ids": row} for row in ids]
-    unsteered = tokens(llm.generate(prompts, GREEDY, use_tqdm=False))
-    assert unsteered != reference
-    assert tokens(qv.generate(llm, prompts, GREEDY, steering=spec)) == reference
+    check_tiny_family(tiny_qwen3[1], tiny_eager)
 
 
 def test_prompt_prefilled_in_parts_refuses_relative_strengths_and_leaves_the_engine_clean(tiny_eager):
