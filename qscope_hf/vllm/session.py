@@ -73,6 +73,8 @@ class EngineSteering:
         for entry in entries:
             self.entries.setdefault(entry.spec.layer, []).append(entry)
         self.needs_batch = any(entry.needs_batch for entry in entries)
+        self.reads_stream = {layer: any(entry.needs_residuals for entry in layer_entries)
+                             for layer, layer_entries in self.entries.items()}
         self.forwards = 0
         self.calls = dict.fromkeys(self.entries, 0)
         self.units: dict[tuple[int, str], float] = {}  # (layer, request key or id) -> residual spread of its prompt
@@ -107,12 +109,11 @@ class EngineSteering:
         else:
             raise UnsupportedError(f"vLLM's {type(module).__name__} returns {type(output).__name__}: qscope steers "
                                    f"decoder layers that return hidden_states or (hidden_states, residual)")
-        entries = self.entries[layer]
         stream = None  # the residual stream, hidden + residual, built only for edits that read it
-        if any(entry.needs_residuals for entry in entries):
+        if self.reads_stream[layer]:
             stream = hidden if residual is None else hidden + residual
         unsteered = stream  # relative units are measured before any edit at this layer, as for transformers
-        for entry in entries:
+        for entry in self.entries[layer]:
             mask = self._mask(entry)
             if mask is _NOWHERE:
                 continue
