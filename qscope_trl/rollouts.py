@@ -103,8 +103,7 @@ class SteeredNegativeRollouts:
             if prompt != prompts[i - i % group]:
                 raise ConfigError(f"prompt {i} differs from the first of its group: GRPOTrainer is expected to pass "
                                   f"each prompt {group} times in a row")
-        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)  # processors wrap one
-        prompt_ids = tokenize_prompts(tokenizer, prompts)
+        prompt_ids = tokenize_prompts(self._tokenizer(trainer), prompts)
         flags = self.steered_rows(len(prompts), group)
         if getattr(trainer, "use_vllm", False):
             completion_ids, logprobs = self._vllm_rollouts(trainer, prompt_ids, flags, group)
@@ -114,12 +113,14 @@ class SteeredNegativeRollouts:
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs, "steered": flags}
 
     @staticmethod
-    def _transformers_rollouts(trainer: Any, prompt_ids: list[list[int]], rows: list[Any]) -> list[list[int]]:
+    def _tokenizer(trainer: Any) -> Any:
+        return getattr(trainer.processing_class, "tokenizer", trainer.processing_class)  # processors wrap one
+
+    def _transformers_rollouts(self, trainer: Any, prompt_ids: list[list[int]], rows: list[Any]) -> list[list[int]]:
         """Completions of ``prompt_ids`` from the trainer's model, row ``i`` steered with ``rows[i]`` (or not)."""
-        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
         device = trainer.accelerator.device
         length = max(len(ids) for ids in prompt_ids)
-        input_ids, attention_mask = pad_token_ids(prompt_ids, tokenizer.pad_token_id, side="left")
+        input_ids, attention_mask = pad_token_ids(prompt_ids, self._tokenizer(trainer).pad_token_id, side="left")
         with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model, torch.no_grad():
             processor = SAELogitsProcessor(model, rows=rows)
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),

@@ -280,7 +280,7 @@ def test_rollouts_steered_inside_an_eager_engine(llm, smollm2, sae, firing, monk
     def not_here(*args):
         raise AssertionError("the steered rollouts must come from the eager vLLM engine, not from transformers")
 
-    monkeypatch.setattr(SteeredNegativeRollouts, "_transformers_rollouts", staticmethod(not_here))
+    monkeypatch.setattr(SteeredNegativeRollouts, "_transformers_rollouts", not_here)
     trainer = rollout_trainer(llm, smollm2[1], smollm2[2], 3)
     check_rollouts(trainer, specs(sae, firing)["features"], lambda prompt, s: hf_greedy(smollm2, prompt, s))
 

@@ -137,11 +137,9 @@ class EngineSteering:
             batch = self._batch
             requests = torch.tensor(self._applies(entry) + [False], device=batch.request.device)
             mask = requests[batch.request]  # padding (-1) reads the trailing False
-            lengths = batch.prompt_lengths[batch.request.clamp(min=0)]
-            if entry.spec.positions == "prompt":
-                mask &= batch.positions < lengths
-            elif entry.spec.positions == "generated":
-                mask &= batch.positions >= lengths
+            if entry.spec.positions != "all":
+                in_prompt = batch.positions < batch.prompt_lengths[batch.request.clamp(min=0)]
+                mask &= in_prompt if entry.spec.positions == "prompt" else ~in_prompt
             self._masks[id(entry)] = None if bool(mask.all()) else _NOWHERE if not bool(mask.any()) else mask[:, None]
         return self._masks[id(entry)]
 
